@@ -1,0 +1,271 @@
+"""Client of the agent's control API (HTTP over its unix socket). Stdlib only.
+
+Used by the CLI and by the loader inside model runners, so it must stay light:
+no aiohttp, no torch, no s3fs. Errors sent by the agent come back as the same
+coldbrew exception classes (``ObjectNotFound``, ``AccessDenied``...); an agent
+that is not running is :class:`AgentUnavailable` with a message that says how
+to fix it.
+
+:meth:`AgentClient.get` copies a file out through the node cache: the agent
+makes each window of chunks present (prefetching ahead), and the client
+verifies every chunk against its digest and copies it kernel-side
+(``copy_file_range``) from the cache file to the destination.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import mmap
+import os
+import socket
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import xxhash
+
+from .errors import AgentUnavailable, ObjectChanged, error_from_kind
+
+DEFAULT_SOCKET = Path("/run/coldbrew/agent.sock")
+_WINDOW_BYTES = 64 << 20  # ask for this much per ensure: few round trips, early start
+
+
+def default_socket() -> Path:
+    return Path(os.environ.get("COLDBREW_SOCKET") or DEFAULT_SOCKET)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float | None) -> None:
+        super().__init__("coldbrew-agent", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.socket_path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+@dataclass(frozen=True)
+class GetResult:
+    uri: str
+    etag: str
+    bytes: int
+    chunks_from_cache_file: int
+    chunks_streamed: int
+
+
+class AgentClient:
+    def __init__(self, socket_path: Path | str | None = None, timeout_s: float = 30.0) -> None:
+        self.socket_path = Path(socket_path) if socket_path else default_socket()
+        self.timeout_s = timeout_s
+
+    # --- transport ------------------------------------------------------------------
+
+    def _connection(self, timeout: float | None) -> _UnixHTTPConnection:
+        return _UnixHTTPConnection(self.socket_path, timeout)
+
+    def _unavailable(self, e: OSError) -> AgentUnavailable:
+        return AgentUnavailable(
+            f"no coldbrew agent is listening on {self.socket_path} ({e.strerror or e}); start one "
+            "with `coldbrew agent`, or point --socket / COLDBREW_SOCKET at its socket")
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                query: dict[str, Any] | None = None, timeout: float | None = -1.0) -> Any:
+        """One JSON request; raises the agent's error as a coldbrew exception."""
+        if query:
+            path += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        conn = self._connection(self.timeout_s if timeout == -1.0 else timeout)
+        try:
+            payload = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            try:
+                conn.request(method, path, body=payload, headers=headers)
+                response = conn.getresponse()
+            except (FileNotFoundError, ConnectionRefusedError, PermissionError) as e:
+                raise self._unavailable(e) from None
+            data = response.read()
+        finally:
+            conn.close()
+        return _decode(response.status, data)
+
+    # --- API ---------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/health")
+
+    def prewarm(self, uris: list[str]) -> dict[str, Any]:
+        return self.request("POST", "/v1/prewarm", {"uris": uris})
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/jobs/{job_id}")
+
+    def status(self, uri: str | None = None) -> dict[str, Any]:
+        return self.request("GET", "/v1/status", query={"uri": uri}, timeout=None)
+
+    def ls(self, uri: str = "") -> dict[str, Any]:
+        return self.request("GET", "/v1/ls", query={"uri": uri}, timeout=None)
+
+    def evict(self, uri: str) -> dict[str, Any]:
+        return self.request("POST", "/v1/evict", {"uri": uri})
+
+    def ensure(self, uri: str | None = None, offset: int = 0, length: int | None = None, *,
+               lease: str | None = None, prefetch: bool = False) -> dict[str, Any]:
+        """Make bytes present in the node cache; blocks until they are (no timeout)."""
+        body = {"uri": uri, "offset": offset, "length": length, "lease": lease, "prefetch": prefetch}
+        return self.request("POST", "/v1/ensure", body, timeout=None)
+
+    def release(self, lease: str) -> None:
+        self.request("POST", f"/v1/leases/{lease}/release")
+
+    def report_corrupt(self, lease: str, index: int) -> dict[str, Any]:
+        return self.request("POST", "/v1/corrupt", {"lease": lease, "index": index}, timeout=None)
+
+    def read(self, uri: str | None = None, offset: int = 0, length: int | None = None, *,
+             lease: str | None = None, piece_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """Stream bytes through the agent (for readers that cannot see the cache dir)."""
+        query = urllib.parse.urlencode({k: v for k, v in {
+            "uri": uri, "offset": offset, "length": length, "lease": lease}.items() if v is not None})
+        conn = self._connection(None)
+        try:
+            try:
+                conn.request("GET", "/v1/read?" + query)
+                response = conn.getresponse()
+            except (FileNotFoundError, ConnectionRefusedError, PermissionError) as e:
+                raise self._unavailable(e) from None
+            if response.status != 200:
+                _decode(response.status, response.read())
+            expected = int(response.getheader("Content-Length", "-1"))
+            got = 0
+            while piece := response.read(piece_bytes):
+                got += len(piece)
+                yield piece
+            if expected >= 0 and got != expected:
+                raise AgentUnavailable(f"agent stream ended early: {got} of {expected} bytes")
+        finally:
+            conn.close()
+
+    # --- get: copy a file out through the node cache --------------------------------------
+
+    def get(self, uri: str, dest: Path | str,
+            progress: Callable[[int, int], None] | None = None) -> GetResult:
+        """Copy ``uri`` to ``dest`` through the cache; atomic (temp file + rename)."""
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.coldbrew-{os.getpid()}.tmp")
+        first = self.ensure(uri, 0, 0, prefetch=True)  # open, lease, start read-ahead
+        lease, size = first["lease"], first["size"]
+        copier = _Copier(self, lease, first["etag"])
+        try:
+            with open(tmp, "wb") as out:
+                done = 0
+                while done < size:
+                    window = self.ensure(lease=lease, offset=done,
+                                         length=min(_WINDOW_BYTES, size - done))
+                    copier.check_version(window)
+                    for chunk in window["chunks"]:
+                        copier.copy_chunk(chunk, out)
+                        done = chunk["offset"] + chunk["length"]
+                        if progress:
+                            progress(done, size)
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            try:
+                self.release(lease)
+            except AgentUnavailable:
+                pass
+        return GetResult(first["uri"], first["etag"], size, copier.from_file, copier.streamed)
+
+
+class _Copier:
+    """Copies verified chunks into the destination file."""
+
+    def __init__(self, client: AgentClient, lease: str, etag: str) -> None:
+        self.client = client
+        self.lease = lease
+        self.etag = etag
+        self.from_file = 0
+        self.streamed = 0
+
+    def check_version(self, window: dict[str, Any]) -> None:
+        if window["etag"] != self.etag:
+            raise ObjectChanged(f"{window['uri']} changed at the origin during the copy "
+                                f"(ETag {self.etag} → {window['etag']}); run it again")
+
+    def copy_chunk(self, chunk: dict[str, Any], out: Any) -> None:
+        if chunk["cached"] and self._copy_verified(chunk, out):
+            self.from_file += 1
+            return
+        if chunk["cached"]:
+            # Failed its digest here: the agent re-checks, drops and refetches it.
+            self.client.report_corrupt(self.lease, chunk["index"])
+            chunk = self.client.ensure(lease=self.lease, offset=chunk["offset"],
+                                       length=chunk["length"])["chunks"][0]
+            if chunk["cached"] and self._copy_verified(chunk, out):
+                self.from_file += 1
+                return
+        self._stream(chunk, out)  # uncached (cache full) or still bad: the agent verifies
+
+    def _copy_verified(self, chunk: dict[str, Any], out: Any) -> bool:
+        """Verify the cache file through mmap (no copy), then copy it kernel-side."""
+        try:
+            fd = os.open(chunk["path"], os.O_RDONLY)
+        except OSError:
+            return False  # the cache file vanished (evicted by hand?): stream instead
+        try:
+            length = chunk["length"]
+            if os.fstat(fd).st_size != length:
+                return False
+            if length:
+                with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+                    if xxhash.xxh3_128_hexdigest(m) != chunk["digest"]:
+                        return False
+            _copy_range(fd, out.fileno(), length, chunk["offset"])
+            return True
+        finally:
+            os.close(fd)
+
+    def _stream(self, chunk: dict[str, Any], out: Any) -> None:
+        out.seek(chunk["offset"])
+        for piece in self.client.read(lease=self.lease, offset=chunk["offset"],
+                                      length=chunk["length"]):
+            out.write(piece)
+        self.streamed += 1
+
+
+def _copy_range(src_fd: int, dst_fd: int, length: int, dst_offset: int) -> None:
+    copied = 0
+    try:
+        while copied < length:
+            n = os.copy_file_range(src_fd, dst_fd, length - copied, copied, dst_offset + copied)
+            if n == 0:
+                raise OSError("copy_file_range copied nothing")
+            copied += n
+        return
+    except OSError:
+        pass  # old kernel or cross-device quirk: fall back to a plain copy
+    buf = bytearray(min(length, 8 << 20))
+    view = memoryview(buf)
+    while copied < length:
+        n = os.preadv(src_fd, [view[: min(len(buf), length - copied)]], copied)
+        os.pwrite(dst_fd, view[:n], dst_offset + copied)
+        copied += n
+
+
+def _decode(status: int, data: bytes) -> Any:
+    try:
+        payload = json.loads(data) if data else {}
+    except json.JSONDecodeError:
+        payload = {"error": {"kind": "agent", "message": data[:200].decode(errors="replace")}}
+    if status >= 400 or (isinstance(payload, dict) and "error" in payload):
+        err = payload.get("error", {}) if isinstance(payload, dict) else {}
+        raise error_from_kind(err.get("kind", "agent"), err.get("message", f"HTTP {status}"))
+    return payload

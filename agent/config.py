@@ -1,0 +1,269 @@
+"""Typed agent configuration from a TOML file, the environment and flags.
+
+Precedence, lowest to highest: built-in defaults < config file < ``COLDBREW_*``
+environment variables < command-line flags. Every setting is declared once in
+:data:`SETTINGS` (name, parser, default, help); the file key, the environment
+variable and the flag are all derived from that name, so the three can never
+drift apart. Values are validated when the config is built, and each bad value
+gets a message naming where it came from::
+
+    cache_size: '12 parsecs' is not a size (from COLDBREW_CACHE_SIZE); use e.g. 500GiB or 80%
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigError
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "ki": KiB, "kib": KiB, "mi": MiB, "mib": MiB, "gi": GiB, "gib": GiB, "ti": TiB, "tib": TiB,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int) -> int:
+    """``'16MiB'`` → 16777216. Decimal (KB, MB, GB) and binary (KiB, MiB, GiB) units."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"{text} is negative")
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; use e.g. 16MiB, 500GiB or 1000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_size(n: float) -> str:
+    """Human form of a byte count, binary units: 1536 → '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class SizeOrPercent:
+    """A byte count, or a percentage of the cache filesystem's size."""
+
+    bytes: int | None = None
+    percent: float | None = None
+
+    def resolve(self, filesystem_bytes: int) -> int:
+        if self.percent is not None:
+            return int(filesystem_bytes * self.percent / 100)
+        return self.bytes or 0
+
+
+def parse_size_or_percent(text: str | int) -> SizeOrPercent:
+    if isinstance(text, str) and text.strip().endswith("%"):
+        pct = float(text.strip()[:-1])
+        if not 0 <= pct <= 100:
+            raise ValueError(f"{text!r} is not a percentage between 0% and 100%")
+        return SizeOrPercent(percent=pct)
+    return SizeOrPercent(bytes=parse_size(text))
+
+
+def parse_chunk_size(text: str | int) -> int:
+    n = parse_size(text)
+    if n < 64 * KiB or n > 1 * GiB or n & (n - 1):
+        raise ValueError(f"{text!r} must be a power of two between 64KiB and 1GiB (default 16MiB)")
+    return n
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``'0.0.0.0:9400'`` → ('0.0.0.0', 9400); ``':9400'`` binds all interfaces."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not host:port (e.g. 0.0.0.0:9400)")
+    return (host.strip("[]") or "0.0.0.0", int(port))
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (true/false)")
+
+
+def _positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse(text: Any) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(f"{text!r} must be greater than 0")
+        return value
+
+    return parse
+
+
+def parse_origin(text: str) -> str:
+    text = str(text).strip()
+    if "://" not in text:
+        if text.startswith("/"):
+            return "file://" + text
+        raise ValueError(f"{text!r} is not a URL; use s3://bucket/prefix or file:///path")
+    scheme, _, rest = text.partition("://")
+    if scheme == "s3" and not rest.strip("/"):
+        raise ValueError(f"{text!r} names no bucket; use s3://bucket or s3://bucket/prefix")
+    return text
+
+
+def _optional_str(text: Any) -> str | None:
+    return str(text) if text not in (None, "") else None
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    #: Extra environment variables read when COLDBREW_<NAME> is unset (e.g. AWS ones).
+    env_aliases: tuple[str, ...] = ()
+
+    @property
+    def env(self) -> str:
+        return "COLDBREW_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("origin", parse_origin, None,
+            "where models live: s3://bucket/prefix or any fsspec URL (required)"),
+    Setting("endpoint_url", _optional_str, None,
+            "S3 endpoint URL for S3-compatible stores", env_aliases=("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")),
+    Setting("region", _optional_str, None, "S3 region",
+            env_aliases=("AWS_REGION", "AWS_DEFAULT_REGION")),
+    Setting("anonymous", parse_bool, False, "read public buckets without credentials"),
+    Setting("cache_dir", Path, Path("/var/lib/coldbrew/cache"), "node-local cache directory (NVMe)"),
+    Setting("cache_size", parse_size_or_percent, SizeOrPercent(percent=90.0),
+            "most bytes the cache may hold: a size (500GiB) or a share of the disk (90%%)"),
+    Setting("cache_reserve", parse_size_or_percent, SizeOrPercent(bytes=1 * GiB),
+            "free space always left on the cache disk (size or %%)"),
+    Setting("chunk_size", parse_chunk_size, 16 * MiB,
+            "unit of fetch, cache and integrity; power of two"),
+    Setting("socket", Path, Path("/run/coldbrew/agent.sock"), "control API unix socket path"),
+    Setting("metrics_address", parse_address, ("0.0.0.0", 9400),
+            "host:port for /metrics, /healthz, /readyz (port 0 picks a free one)"),
+    Setting("fetch_concurrency", _positive(int), 8, "parallel ranged GETs to the origin"),
+    Setting("retry_attempts", _positive(int), 8, "attempts per origin request before giving up"),
+    Setting("retry_base_delay_s", _positive(float), 0.1, "first retry backoff, doubles each time"),
+    Setting("retry_max_delay_s", _positive(float), 5.0, "cap on one retry backoff"),
+    Setting("connect_timeout_s", _positive(float), 5.0, "origin connect timeout"),
+    Setting("read_timeout_s", _positive(float), 30.0, "origin read timeout (no byte for this long)"),
+    Setting("check_origin", parse_bool, True,
+            "at start, fail fast if the origin bucket is missing or credentials are refused"),
+    Setting("log_format", lambda s: _choice(s, ("json", "text")), "json", "json or text"),
+    Setting("log_level", lambda s: _choice(str(s).upper(), ("DEBUG", "INFO", "WARNING", "ERROR")),
+            "INFO", "DEBUG, INFO, WARNING or ERROR"),
+)
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def _choice(text: Any, options: tuple[str, ...]) -> str:
+    if text not in options:
+        raise ValueError(f"{text!r} is not one of {', '.join(options)}")
+    return str(text)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The agent's settings, validated. Units are in the names."""
+
+    origin: str
+    endpoint_url: str | None
+    region: str | None
+    anonymous: bool
+    cache_dir: Path
+    cache_size: SizeOrPercent
+    cache_reserve: SizeOrPercent
+    chunk_size: int
+    socket: Path
+    metrics_address: tuple[str, int]
+    fetch_concurrency: int
+    retry_attempts: int
+    retry_base_delay_s: float
+    retry_max_delay_s: float
+    connect_timeout_s: float
+    read_timeout_s: float
+    check_origin: bool
+    log_format: str
+    log_level: str
+
+
+assert {f.name for f in fields(AgentConfig)} == set(_BY_NAME), "SETTINGS and AgentConfig differ"
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Load a TOML config file; keys are setting names (``cache_size = "500GiB"``)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    agent = data.get("agent", data)  # a top-level [agent] table is optional
+    unknown = sorted(set(agent) - set(_BY_NAME) - {"agent", "prewarm"})
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)}; "
+                          f"known keys: {', '.join(_BY_NAME)}")
+    return {k: v for k, v in agent.items() if k in _BY_NAME}
+
+
+def load_config(
+    *,
+    file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """Build the config from its three sources; flags win over env over file.
+
+    ``flags`` maps setting names to raw values (None = not given).
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, tuple[Any, str]] = {}
+    if file is not None:
+        for k, v in read_config_file(file).items():
+            raw[k] = (v, f"config file {file}")
+    for s in SETTINGS:
+        for var in (s.env, *s.env_aliases):
+            if env.get(var, "") != "":
+                raw[s.name] = (env[var], var)
+                break
+    for k, v in (flags or {}).items():
+        if v is not None:
+            raw[k] = (v, _BY_NAME[k].flag)
+    values = {s.name: _parse_one(s, raw.get(s.name)) for s in SETTINGS}
+    return AgentConfig(**values)
+
+
+def _parse_one(setting: Setting, given: tuple[Any, str] | None) -> Any:
+    if given is None:
+        if setting.default is None:
+            raise ConfigError(f"{setting.name} is required: pass {setting.flag}, set {setting.env} "
+                              f"or put `{setting.name} = ...` in the config file")
+        return setting.default
+    value, source = given
+    try:
+        return setting.parse(value)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{setting.name}: {e} (from {source})") from None

@@ -1,0 +1,167 @@
+"""The agent process: wiring, start-up checks, signals and clean shutdown.
+
+Start order matters: the cache is opened (and cleaned of what a crash left)
+before anything can read it, the origin is checked before the agent says it is
+ready, and the control socket appears last, so a client that can connect gets
+a working agent. SIGTERM/SIGINT stop it in reverse order, releasing leases and
+removing the socket file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .api import ControlAPI
+from .config import AgentConfig
+from .errors import ColdbrewError, ConfigError
+from .fetcher import Fetcher
+from .jobs import Jobs
+from .metrics import AgentMetrics
+from .origin import Origin
+from .store import ChunkStore, Limits
+
+log = logging.getLogger("coldbrew.agent")
+
+_LEASE_SWEEP_S = 30.0
+
+
+def _disk_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize
+
+
+def _claim_socket(path: Path) -> None:
+    """Make ``path`` free for our socket, refusing to steal a live agent's."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create socket directory {path.parent}: {e.strerror}") from e
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)  # left by an agent that died: stale
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"another agent is already listening on {path}; stop it or pass --socket")
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.metrics = AgentMetrics()
+        self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.store: ChunkStore | None = None
+        self.origin: Origin | None = None
+        self.fetcher: Fetcher | None = None
+        self.jobs: Jobs | None = None
+        self.api: ControlAPI | None = None
+        self.metrics_address = ""
+
+    async def start(self) -> None:
+        cfg = self.config
+        try:
+            cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create cache directory {cfg.cache_dir}: {e.strerror}") from e
+        disk = _disk_bytes(cfg.cache_dir)
+        limits = Limits(size_bytes=cfg.cache_size.resolve(disk),
+                        reserve_bytes=cfg.cache_reserve.resolve(disk))
+        self.store = ChunkStore(cfg.cache_dir, cfg.chunk_size, limits, self.metrics)
+        await asyncio.to_thread(self.store.open)
+        self.origin = Origin(cfg, self.metrics)
+        if cfg.check_origin:
+            await self.origin.check()
+        self.fetcher = Fetcher(self.origin, self.store, self.metrics, cfg.fetch_concurrency)
+        self.jobs = Jobs(self.fetcher, self.metrics)
+        self.api = ControlAPI(self.fetcher, self.jobs, self.metrics, facts={})
+        await self._serve_metrics()
+        await self._serve_control()
+        self.api.facts.update({
+            "origin": self.origin.root, "cache_dir": str(cfg.cache_dir), "socket": str(cfg.socket),
+            "metrics_address": self.metrics_address, "chunk_size": cfg.chunk_size, "pid": os.getpid()})
+        self._tasks.append(asyncio.create_task(self._sweep_leases()))
+        self.api.ready = True
+        self.metrics.ready.set(1)
+        log.info("agent ready", extra=self.api.facts)
+
+    async def _serve_metrics(self) -> None:
+        assert self.api is not None
+        runner = web.AppRunner(self.api.metrics_app(), access_log=None)
+        await runner.setup()
+        host, port = self.config.metrics_address
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as e:
+            await runner.cleanup()
+            raise ConfigError(f"cannot listen on metrics address {host}:{port}: {e.strerror}") from e
+        self._runners.append(runner)
+        bound = runner.addresses[0]
+        self.metrics_address = f"{bound[0]}:{bound[1]}"
+
+    async def _serve_control(self) -> None:
+        assert self.api is not None
+        path = self.config.socket
+        _claim_socket(path)
+        runner = web.AppRunner(self.api.control_app(), access_log=None)
+        await runner.setup()
+        await web.UnixSite(runner, str(path)).start()
+        os.chmod(path, 0o660)
+        self._runners.append(runner)
+
+    async def _sweep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(_LEASE_SWEEP_S)
+            if self.api:
+                self.api.leases.expire()
+
+    async def stop(self) -> None:
+        log.info("agent stopping")
+        if self.api:
+            self.api.ready = False
+        self.metrics.ready.set(0)
+        for task in self._tasks:
+            task.cancel()
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        if self.jobs:
+            await self.jobs.close()
+        if self.fetcher:
+            await self.fetcher.close()
+        if self.api:
+            self.api.leases.release_all()
+        if self.origin:
+            await self.origin.close()
+        if self.store:
+            self.store.close()
+        self.config.socket.unlink(missing_ok=True)
+        log.info("agent stopped")
+
+
+async def run_agent(config: AgentConfig) -> int:
+    """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    agent = Agent(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.start()
+    except ColdbrewError:
+        await agent.stop()
+        raise
+    await stop.wait()
+    await agent.stop()
+    return 0

@@ -1,0 +1,177 @@
+"""One error hierarchy for all of coldbrew, and the one table that maps it to errno.
+
+Every error a person can see derives from :class:`ColdbrewError` *and* from the
+stdlib class a caller would naturally catch (``FileNotFoundError``,
+``PermissionError``, ``ValueError``...), so ``except FileNotFoundError`` keeps
+working for code that knows nothing about coldbrew. Messages are written for
+the person at the terminal: what failed, on which object, and what to do.
+
+The FUSE view answers syscalls with :func:`errno_for`; the CLI prints ``str(e)``
+on one line and exits non-zero; the control API sends :attr:`ColdbrewError.kind`
+so the client can rebuild the same class on the other side of the socket.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class ColdbrewError(Exception):
+    """Base of every error coldbrew raises on purpose."""
+
+    #: Stable machine-readable name, sent over the control API.
+    kind = "error"
+    #: What a FUSE syscall returns for this error.
+    errno_code = errno.EIO
+
+
+class ConfigError(ColdbrewError, ValueError):
+    """A configuration value is missing or invalid (file, environment or flag)."""
+
+    kind = "config"
+    errno_code = errno.EINVAL
+
+
+class UsageError(ColdbrewError, ValueError):
+    """A request is malformed: an unknown URI scheme, a range past the end..."""
+
+    kind = "usage"
+    errno_code = errno.EINVAL
+
+
+# --- origin (S3 and other fsspec stores) ------------------------------------
+
+
+class OriginError(ColdbrewError, OSError):
+    """The origin store failed in a way retries did not fix."""
+
+    kind = "origin"
+    errno_code = errno.EIO
+
+
+class ObjectNotFound(OriginError, FileNotFoundError):
+    """The object (or the prefix) does not exist at the origin."""
+
+    kind = "not_found"
+    errno_code = errno.ENOENT
+
+
+class BucketNotFound(ObjectNotFound):
+    """The bucket itself does not exist."""
+
+    kind = "no_bucket"
+
+
+class AccessDenied(OriginError, PermissionError):
+    """Credentials are missing, wrong, or lack permission for this object."""
+
+    kind = "access_denied"
+    errno_code = errno.EACCES
+
+
+class OriginUnavailable(OriginError, ConnectionError):
+    """The origin could not be reached, or kept failing, after every retry."""
+
+    kind = "origin_unavailable"
+    errno_code = errno.EIO
+
+
+class TransientOriginError(OriginError):
+    """One attempt failed in a retryable way (5xx, SlowDown, short body, reset).
+
+    Raised inside the retry loop only; callers see :class:`OriginUnavailable`
+    once the retry budget is spent. ``reason`` labels the retry metric.
+    """
+
+    kind = "transient"
+
+    def __init__(self, message: str, reason: str = "other") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ObjectChanged(OriginError):
+    """The object's ETag changed while we were reading it.
+
+    Bytes of two versions are never mixed: the old version's cache entry is
+    abandoned and the read fails; a fresh open sees the new version.
+    """
+
+    kind = "object_changed"
+    errno_code = errno.ESTALE
+
+
+# --- cache and integrity -----------------------------------------------------
+
+
+class CorruptData(ColdbrewError, OSError):
+    """Bytes failed their digest check (from disk or a peer)."""
+
+    kind = "corrupt"
+    errno_code = errno.EIO
+
+
+class CacheError(ColdbrewError, OSError):
+    """The local cache disk failed (full, read-only, I/O error).
+
+    Never fatal to a read: the fetcher logs it, counts it and serves from origin.
+    """
+
+    kind = "cache"
+    errno_code = errno.EIO
+
+
+class CacheFull(CacheError):
+    """The cache cannot make room: everything left is in use, or the disk is full."""
+
+    kind = "cache_full"
+    errno_code = errno.ENOSPC
+
+
+class FileBusy(ColdbrewError):
+    """The file is in use (open, being loaded or fetched) and cannot be evicted now."""
+
+    kind = "busy"
+    errno_code = errno.EBUSY
+
+
+# --- the control API -----------------------------------------------------------
+
+
+class AgentUnavailable(ColdbrewError, ConnectionError):
+    """No agent answers on the control socket."""
+
+    kind = "agent_unavailable"
+    errno_code = errno.ECONNREFUSED
+
+
+class AgentError(ColdbrewError):
+    """The agent answered with an error this client has no class for."""
+
+    kind = "agent"
+
+
+_BY_KIND: dict[str, type[ColdbrewError]] = {}
+
+
+def _register(cls: type[ColdbrewError]) -> None:
+    _BY_KIND[cls.kind] = cls
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+_register(ColdbrewError)
+
+
+def error_from_kind(kind: str, message: str) -> ColdbrewError:
+    """Rebuild an error sent over the control API as ``{"kind", "message"}``."""
+    return _BY_KIND.get(kind, AgentError)(message)
+
+
+def errno_for(exc: BaseException) -> int:
+    """The errno a syscall should fail with for ``exc`` (EIO when unknown)."""
+    if isinstance(exc, ColdbrewError):
+        return exc.errno_code
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno_code
+    return errno.EIO

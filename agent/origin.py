@@ -1,0 +1,368 @@
+"""The origin store: object metadata and ranged reads through fsspec, with retries.
+
+S3 (``s3://``) goes through s3fs's async client; any other fsspec protocol
+(``file://``, ``memory://``, ``gs://``...) works through fsspec's generic API in
+a worker thread. Either way the rest of the agent sees three operations —
+:meth:`Origin.stat`, :meth:`Origin.expand` and :meth:`Origin.read_into` — and
+one error hierarchy: this module is the only place that knows what a botocore
+exception or an HTTP status means (:func:`translate`).
+
+Ranged reads are pinned to the ETag seen at ``stat`` time (``If-Match`` on S3,
+a re-stat elsewhere): a changed object raises :class:`ObjectChanged`, never a
+mix of two versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from .config import AgentConfig
+from .errors import (
+    AccessDenied,
+    BucketNotFound,
+    ColdbrewError,
+    ObjectChanged,
+    ObjectNotFound,
+    OriginError,
+    TransientOriginError,
+    UsageError,
+)
+from .manifest import FileIdentity
+from .metrics import AgentMetrics
+from .retry import RetryPolicy, with_retries
+
+log = logging.getLogger("coldbrew.origin")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    uri: str
+    size: int
+    etag: str
+    mtime: float | None = None
+
+    @property
+    def identity(self) -> FileIdentity:
+        return FileIdentity(self.uri, self.etag, self.size)
+
+
+_NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404", "NoSuchVersion"}
+_DENIED_CODES = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                 "ExpiredToken", "InvalidToken", "AllAccessDisabled", "AccountProblem"}
+_RETRY_CODES = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException", "InternalError",
+                "ServiceUnavailable", "RequestTimeTooSkewed", "503", "500", "502", "504"}
+
+
+def _s3_error(exc: BaseException) -> tuple[str | None, int | None]:
+    """(error code, HTTP status) from a botocore ClientError anywhere in the cause chain."""
+    seen = 0
+    while exc is not None and seen < 5:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return response["Error"].get("Code"), status
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None, None
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    import aiohttp
+    import botocore.exceptions as bex
+
+    network = (ConnectionError, TimeoutError, asyncio.TimeoutError, aiohttp.ClientError,
+               bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ReadTimeoutError,
+               bex.ConnectTimeoutError, bex.ResponseStreamingError, bex.IncompleteReadError,
+               bex.HTTPClientError)
+    while exc is not None:
+        if isinstance(exc, network):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def translate(exc: BaseException, uri: str, endpoint: str | None = None) -> ColdbrewError:
+    """Map any origin failure to the coldbrew error a person can act on."""
+    if isinstance(exc, ColdbrewError):
+        return exc
+    code, status = _s3_error(exc)
+    if code == "NoSuchBucket":
+        return BucketNotFound(f"bucket {_bucket_of(uri)!r} does not exist (reading {uri}); "
+                              "check the origin URL and the endpoint/region")
+    if code in _NOT_FOUND_CODES or status == 404:
+        return ObjectNotFound(f"{uri} not found at the origin (no such key)")
+    if code in _DENIED_CODES or status == 403:
+        return AccessDenied(f"access denied reading {uri} ({code or status}); check the AWS "
+                            "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile or role) "
+                            "and the bucket policy")
+    if code == "PreconditionFailed" or status == 412:
+        return ObjectChanged(f"{uri} changed at the origin while it was being read (ETag no "
+                             "longer matches); open it again to read the new version")
+    if code in _RETRY_CODES or (status is not None and (status >= 500 or status == 429)):
+        return TransientOriginError(f"{uri}: {status} {code}", reason=str(code or status).lower())
+    if _is_network_error(exc):
+        where = f" at {endpoint}" if endpoint else ""
+        return TransientOriginError(f"cannot read {uri}{where}: {type(exc).__name__}: {exc}",
+                                    reason="network")
+    if isinstance(exc, FileNotFoundError):
+        return ObjectNotFound(f"{uri} not found at the origin")
+    if isinstance(exc, PermissionError):
+        return AccessDenied(f"access denied reading {uri}: {exc}")
+    return OriginError(f"{uri}: {type(exc).__name__}: {exc}")
+
+
+def _bucket_of(uri: str) -> str:
+    return uri.split("://", 1)[-1].split("/", 1)[0]
+
+
+def _etag_of(info: dict[str, Any]) -> str:
+    """The version token: S3's ETag, or size+mtime for stores without one."""
+    for key in ("ETag", "etag", "md5", "generation"):
+        if info.get(key):
+            return str(info[key])
+    return f"{info.get('size')}-{info.get('mtime') or info.get('LastModified') or info.get('created')}"
+
+
+def _mtime_of(info: dict[str, Any]) -> float | None:
+    value = info.get("LastModified") or info.get("mtime") or info.get("created")
+    if hasattr(value, "timestamp"):
+        return float(value.timestamp())
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+class Origin:
+    """Reads objects under one root URL (``s3://bucket/prefix``) with retries.
+
+    Must be created and used on one running event loop (s3fs's async client is
+    bound to the loop it was made on).
+    """
+
+    def __init__(self, config: AgentConfig, metrics: AgentMetrics | None = None) -> None:
+        self.root = config.origin.rstrip("/")
+        self.protocol = self.root.split("://", 1)[0]
+        self.endpoint = config.endpoint_url
+        self.policy = RetryPolicy(config.retry_attempts, config.retry_base_delay_s,
+                                  config.retry_max_delay_s)
+        self.metrics = metrics
+        self.fs = self._make_fs(config)
+        self.is_s3 = self.protocol in ("s3", "s3a")
+
+    def _make_fs(self, config: AgentConfig) -> fsspec.AbstractFileSystem:
+        if self.protocol not in ("s3", "s3a"):
+            return fsspec.filesystem(self.protocol, skip_instance_cache=True)
+        import s3fs
+
+        client_kwargs = {"region_name": config.region} if config.region else {}
+        fs = s3fs.S3FileSystem(
+            anon=config.anonymous,
+            endpoint_url=config.endpoint_url,
+            client_kwargs=client_kwargs,
+            config_kwargs={
+                "retries": {"max_attempts": 1, "mode": "standard"},
+                "connect_timeout": config.connect_timeout_s,
+                "read_timeout": config.read_timeout_s,
+                "max_pool_connections": max(16, 2 * config.fetch_concurrency),
+            },
+            asynchronous=True,
+            loop=asyncio.get_running_loop(),
+            skip_instance_cache=True,
+            use_listings_cache=False,
+        )
+        # Retries are ours (counted, jittered, If-Match aware): none below us.
+        fs.retries = 1
+        return fs
+
+    async def close(self) -> None:
+        if self.is_s3 and getattr(self.fs, "_s3", None) is not None:
+            await self.fs._s3.close()  # noqa: SLF001 - s3fs has no public async close
+
+    # --- naming ---------------------------------------------------------------
+
+    def resolve(self, uri_or_path: str) -> str:
+        """A full URI for ``uri_or_path``; relative paths are taken under the origin root."""
+        text = uri_or_path.strip()
+        if "://" in text:
+            if text.split("://", 1)[0] != self.protocol:
+                raise UsageError(f"{text}: this agent's origin is {self.root}; it can only "
+                                 f"read {self.protocol}:// URIs")
+            return text.rstrip("/") if not text.endswith("://") else text
+        return f"{self.root}/{text.lstrip('/')}".rstrip("/")
+
+    def _path(self, uri: str) -> str:
+        return uri.split("://", 1)[1] if self.protocol != "file" else "/" + uri.split("://", 1)[1].lstrip("/")
+
+    def _uri(self, path: str) -> str:
+        return f"{self.protocol}://{path.lstrip('/')}" if self.protocol != "file" else f"file://{path}"
+
+    # --- metadata -------------------------------------------------------------
+
+    async def stat(self, uri: str) -> ObjectInfo:
+        """Size and ETag of one object. Raises ObjectNotFound/BucketNotFound/AccessDenied."""
+        info = await self._call("head", uri, self._info, uri)
+        if info.get("type") == "directory":
+            raise ObjectNotFound(f"{uri} is a prefix (a directory), not an object")
+        return ObjectInfo(uri, int(info["size"]), _etag_of(info), _mtime_of(info))
+
+    async def expand(self, uri: str) -> list[ObjectInfo]:
+        """The objects a URI names: itself if it is an object, else everything under the prefix."""
+        info = await self._call("head", uri, self._info, uri)
+        if info.get("type") != "directory":
+            return [ObjectInfo(uri, int(info["size"]), _etag_of(info), _mtime_of(info))]
+        found = await self._call("list", uri, self._find, uri)
+        out = [ObjectInfo(self._uri(path), int(i["size"]), _etag_of(i), _mtime_of(i))
+               for path, i in sorted(found.items()) if i.get("type", "file") == "file"]
+        if not out:
+            raise ObjectNotFound(f"{uri}: no objects under this prefix")
+        return out
+
+    async def list_dir(self, uri: str) -> list[dict[str, Any]]:
+        """One level under ``uri``: sub-prefixes and objects, like ``aws s3 ls``."""
+        items = await self._call("list", uri, self._ls, uri)
+        out = []
+        for item in sorted(items, key=lambda i: i["name"]):
+            is_dir = item.get("type") == "directory"
+            entry = {"uri": self._uri(item["name"]), "name": item["name"].rstrip("/").rsplit("/", 1)[-1],
+                     "type": "directory" if is_dir else "file", "size": int(item.get("size") or 0)}
+            if not is_dir:
+                entry["etag"] = _etag_of(item)
+            out.append(entry)
+        if not out and self._path(uri).strip("/").count("/") > 0:
+            raise ObjectNotFound(f"{uri}: nothing at the origin under this path")
+        return out
+
+    async def _ls(self, uri: str) -> list[dict[str, Any]]:
+        if self.is_s3:
+            return await self.fs._ls(self._path(uri), detail=True, refresh=True)
+        return await asyncio.to_thread(self.fs.ls, self._path(uri), detail=True)
+
+    async def check(self) -> None:
+        """Fail fast at start if the root's bucket is missing or credentials are refused."""
+        quick = RetryPolicy(attempts=min(3, self.policy.attempts),
+                            base_delay_s=self.policy.base_delay_s, max_delay_s=1.0)
+        await self._call("check", self.root, self._info, self.root, policy=quick)
+
+    async def _info(self, uri: str) -> dict[str, Any]:
+        if self.is_s3:
+            bucket_only = "/" not in self._path(uri).strip("/")
+            try:
+                return await self.fs._info(self._path(uri), refresh=True)
+            except FileNotFoundError:
+                if not bucket_only:
+                    await self._raise_if_bucket_missing(uri)
+                raise
+        return await asyncio.to_thread(self.fs.info, self._path(uri))
+
+    async def _raise_if_bucket_missing(self, uri: str) -> None:
+        # HEAD on a key answers a bare 404 whether the key or the bucket is missing;
+        # ask about the bucket so the message says which.
+        try:
+            await self.fs._call_s3("head_bucket", Bucket=_bucket_of(uri))
+        except Exception as e:  # noqa: BLE001 - classified just below
+            code, status = _s3_error(e)
+            if status == 404 or code in ("NoSuchBucket", "404") or isinstance(e, FileNotFoundError):
+                raise BucketNotFound(
+                    f"bucket {_bucket_of(uri)!r} does not exist (reading {uri}); check the "
+                    "origin URL and the endpoint/region") from None
+
+    async def _find(self, uri: str) -> dict[str, dict[str, Any]]:
+        if self.is_s3:
+            return await self.fs._find(self._path(uri), detail=True)
+        return await asyncio.to_thread(self.fs.find, self._path(uri), detail=True)
+
+    # --- data -----------------------------------------------------------------
+
+    async def read_into(self, obj: ObjectInfo, start: int, buf: memoryview) -> None:
+        """Fill ``buf`` with bytes [start, start+len(buf)) of ``obj``, retrying transient faults."""
+        end = start + len(buf)
+        if not 0 <= start <= end <= obj.size:
+            raise UsageError(f"{obj.uri}: range {start}-{end} outside 0-{obj.size}")
+        reader = self._read_s3 if self.is_s3 else self._read_generic
+        await self._call("get", obj.uri, reader, obj, start, buf,
+                         what=f"GET {obj.uri} bytes {start}-{end - 1}")
+        if self.metrics:
+            self.metrics.origin_bytes.inc(len(buf))
+
+    async def _read_s3(self, obj: ObjectInfo, start: int, buf: memoryview) -> None:
+        bucket, key, _ = self.fs.split_path(self._path(obj.uri))
+        resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                      Range=f"bytes={start}-{start + len(buf) - 1}", IfMatch=obj.etag)
+        body = resp["Body"]
+        try:
+            if resp.get("ETag") and resp["ETag"] != obj.etag:
+                raise ObjectChanged(f"{obj.uri} changed at the origin (ETag {obj.etag} → "
+                                    f"{resp['ETag']}); open it again to read the new version")
+            filled = await _drain(body.raw_stream.content, buf)
+        finally:
+            body.close()
+        if filled < len(buf):
+            raise TransientOriginError(f"{obj.uri}: short body, {filled} of {len(buf)} bytes "
+                                       f"from offset {start}", reason="short_body")
+
+    async def _read_generic(self, obj: ObjectInfo, start: int, buf: memoryview) -> None:
+        path = self._path(obj.uri)
+        data = await asyncio.to_thread(self.fs.cat_file, path, start, start + len(buf))
+        info = await asyncio.to_thread(self.fs.info, path)
+        if _etag_of(info) != obj.etag or int(info["size"]) != obj.size:
+            raise ObjectChanged(f"{obj.uri} changed at the origin while it was being read; "
+                                "open it again to read the new version")
+        if len(data) < len(buf):
+            raise TransientOriginError(f"{obj.uri}: short read, {len(data)} of {len(buf)} bytes",
+                                       reason="short_body")
+        buf[:] = data
+
+    async def _call(self, op: str, uri: str, fn: Any, *args: Any, what: str | None = None,
+                    policy: RetryPolicy | None = None) -> Any:
+        """One origin operation: translated errors, retries, and request metrics."""
+
+        async def attempt() -> Any:
+            try:
+                result = await fn(*args)
+            except BaseException as e:  # noqa: BLE001 - translate() decides what it means
+                if isinstance(e, asyncio.CancelledError):
+                    raise
+                err = translate(e, uri, self.endpoint)
+                self._count(op, type(err).__name__)
+                if err is e:
+                    raise
+                raise err from e
+            self._count(op, "ok")
+            return result
+
+        def on_retry(e: TransientOriginError, number: int, pause: float) -> None:
+            if self.metrics:
+                self.metrics.origin_retries.labels(e.reason).inc()
+            log.info("origin retry", extra={"op": op, "uri": uri, "attempt": number,
+                                            "pause_s": round(pause, 3), "error": str(e)})
+
+        return await with_retries(attempt, policy or self.policy, what=what or f"{op} {uri}",
+                                   on_retry=on_retry)
+
+    def _count(self, op: str, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.origin_requests.labels(op, outcome).inc()
+
+
+async def _drain(stream: Any, buf: memoryview) -> int:
+    """Copy an aiohttp body into ``buf`` as it arrives; returns the bytes copied.
+
+    ``readany`` hands over whatever the socket delivered without joining pieces,
+    so each byte is copied once, into a buffer we reuse chunk after chunk.
+    """
+    filled = 0
+    want = len(buf)
+    while filled < want:
+        piece = await stream.readany()
+        if not piece:
+            break
+        take = min(len(piece), want - filled)
+        buf[filled:filled + take] = memoryview(piece)[:take]
+        filled += take
+    return filled

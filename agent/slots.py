@@ -1,0 +1,97 @@
+"""Bounded origin concurrency, granted in priority order, and the buffers it fills.
+
+A reader waiting on a chunk must not queue behind a prewarm of 50 GB, so a
+free slot goes to the most urgent waiter (lowest number), first come first
+served within a priority. A waiter can be *boosted* while it waits: when a
+reader joins a fetch that prefetch had queued at low priority, the fetch moves
+up to the reader's priority (no priority inversion through single-flight).
+
+Each slot owns one chunk-sized buffer for as long as it is held. Buffers are
+reused rather than allocated per chunk: fresh memory is slow on these VMs
+(~0.3 GB/s first touch) and reuse keeps the agent's memory flat however large
+the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+
+class Waiter:
+    def __init__(self, priority: int, future: asyncio.Future[bytearray]) -> None:
+        self.priority = priority
+        self.future = future
+        self.slots: "Slots | None" = None
+
+    def boost(self, priority: int) -> None:
+        """Raise this waiter's urgency (lower number = sooner). No-op once granted."""
+        if priority < self.priority and not self.future.done() and self.slots is not None:
+            self.priority = priority
+            self.slots._push(self)
+
+
+class Slots:
+    def __init__(self, count: int, buffer_bytes: int) -> None:
+        self.count = count
+        self.buffer_bytes = buffer_bytes
+        self._free: list[bytearray] = []
+        self._allocated = 0
+        self._heap: list[tuple[int, int, Waiter]] = []
+        self._seq = itertools.count()
+
+    def _push(self, waiter: Waiter) -> None:
+        heapq.heappush(self._heap, (waiter.priority, next(self._seq), waiter))
+
+    def _take_buffer(self) -> bytearray | None:
+        if self._free:
+            return self._free.pop()
+        if self._allocated < self.count:
+            self._allocated += 1
+            return bytearray(self.buffer_bytes)
+        return None
+
+    def _grant_next(self) -> None:
+        while self._heap:
+            _, _, waiter = self._heap[0]
+            if waiter.future.done():  # granted already (a stale boost entry) or cancelled
+                heapq.heappop(self._heap)
+                continue
+            buf = self._take_buffer()
+            if buf is None:
+                return
+            heapq.heappop(self._heap)
+            waiter.future.set_result(buf)
+
+    @asynccontextmanager
+    async def acquire(self, priority: int, waiter_out: list[Waiter] | None = None
+                      ) -> AsyncIterator[bytearray]:
+        """Hold a slot and its buffer. ``waiter_out`` receives the waiter (to boost it)."""
+        future: asyncio.Future[bytearray] = asyncio.get_running_loop().create_future()
+        waiter = Waiter(priority, future)
+        waiter.slots = self
+        if waiter_out is not None:
+            waiter_out.append(waiter)
+        self._push(waiter)
+        self._grant_next()
+        try:
+            buf = await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self._release(future.result())
+            raise
+        try:
+            yield buf
+        finally:
+            self._release(buf)
+
+    def _release(self, buf: bytearray) -> None:
+        self._free.append(buf)
+        self._grant_next()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for _, _, w in self._heap if not w.future.done())

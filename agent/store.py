@@ -1,0 +1,422 @@
+"""The on-disk chunk cache: its layout, crash safety, verification and eviction.
+
+Layout (a versioned contract — the version is in the path; tests pin it)::
+
+    <cache_dir>/coldbrew-v1/
+        LOCK                     flock held by the one agent using this cache
+        tmp/                     chunks being written; wiped at start
+        files/<kk>/<key>/        one entry per (uri, etag, size); key = FileIdentity.key()
+            meta.json            identity + chunk size, written once (temp + rename)
+            journal              "<index> <xxh3-128>\\n" appended after each chunk lands
+            used                 empty; its mtime is the entry's last use (for LRU)
+            chunks/00000000 ...  raw chunk bytes, one file per chunk, exactly as at origin
+
+A chunk is written to ``tmp/``, renamed into ``chunks/`` and only then recorded in
+the journal, so a crash leaves either a whole chunk or none; a chunk file with
+no journal line is deleted at start. Chunk files are raw bytes (no header) so
+that P2P storage (a torrent whose files are these chunk files, one piece per
+chunk) and the loader's mmap read the very same bytes — never a second copy.
+
+No fsync on the hot path: measured here, fsync caps writes at ~0.29 GB/s against
+~1.1 GB/s without, below the S3 transport. Durability comes from verification
+instead: every chunk read back from disk is checked against its journal digest,
+so a chunk torn by a power loss is detected and fetched again — speed lost, not
+correctness.
+
+All methods are blocking and thread-safe; the fetcher calls them from worker
+threads. Any OSError from the disk becomes :class:`CacheError` (or
+:class:`CacheFull`), which callers treat as "serve from origin, uncached".
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import mmap
+import os
+import shutil
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import eviction
+from .errors import CacheError, CacheFull, CorruptData, FileBusy
+from .manifest import ChunkLayout, FileIdentity, digest, journal_line, parse_journal
+from .metrics import AgentMetrics
+
+log = logging.getLogger("coldbrew.store")
+
+LAYOUT_VERSION = "coldbrew-v1"
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def chunk_name(index: int) -> str:
+    return f"{index:08d}"
+
+
+@dataclass
+class Entry:
+    """One cached file: what is known about its chunks (in memory; disk is the truth)."""
+
+    identity: FileIdentity
+    chunk_size: int
+    path: Path
+    digests: dict[int, str] = field(default_factory=dict)  # every digest ever verified
+    present: set[int] = field(default_factory=set)  # chunks whose file is on disk
+    last_used: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return self.identity.key()
+
+    @property
+    def layout(self) -> ChunkLayout:
+        return ChunkLayout(self.identity.size, self.chunk_size)
+
+    @property
+    def cached_bytes(self) -> int:
+        layout = self.layout
+        return sum(layout.length(i) for i in self.present)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.present) == self.layout.count
+
+    def chunk_path(self, index: int) -> Path:
+        return self.path / "chunks" / chunk_name(index)
+
+
+@dataclass(frozen=True)
+class Limits:
+    size_bytes: int | None  # None: no limit but the disk and its reserve
+    reserve_bytes: int
+
+
+class ChunkStore:
+    def __init__(self, cache_dir: Path, chunk_size: int, limits: Limits,
+                 metrics: AgentMetrics | None = None) -> None:
+        self.root = Path(cache_dir) / LAYOUT_VERSION
+        self.chunk_size = chunk_size
+        self.limits = limits
+        self.metrics = metrics
+        self._lock = threading.RLock()
+        self._entries: dict[str, Entry] = {}
+        self._pins: Counter[str] = Counter()
+        self._used = 0
+        self._lock_fd: int | None = None
+
+    # --- lifecycle --------------------------------------------------------------
+
+    def open(self) -> None:
+        """Take the cache, clean what a crash left, and load the index from disk."""
+        import fcntl
+
+        try:
+            (self.root / "files").mkdir(parents=True, exist_ok=True)
+            (self.root / "tmp").mkdir(exist_ok=True)
+            self._lock_fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CacheError(f"cannot use cache directory {self.root.parent}: {e.strerror}") from e
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(f"cache directory {self.root.parent} is in use by another agent "
+                             "(one agent per cache directory)") from None
+        removed = self._wipe_tmp()
+        for meta in sorted(self.root.glob("files/*/*/meta.json")):
+            self._load_entry(meta.parent)
+        log.info("cache opened", extra={"dir": str(self.root), "files": len(self._entries),
+                                        "bytes": self._used, "temp_files_removed": removed})
+        self._publish_gauges()
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _wipe_tmp(self) -> int:
+        count = 0
+        for p in (self.root / "tmp").iterdir():
+            p.unlink(missing_ok=True)
+            count += 1
+        return count
+
+    def _load_entry(self, path: Path) -> None:
+        try:
+            meta = json.loads((path / "meta.json").read_bytes())
+            identity = FileIdentity(meta["uri"], meta["etag"], int(meta["size"]))
+            entry = Entry(identity, int(meta["chunk_size"]), path)
+            if identity.key() != path.name:
+                raise ValueError("key does not match directory name")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("dropping unreadable cache entry", extra={"path": str(path), "error": str(e)})
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        layout = entry.layout
+        try:
+            with open(path / "journal", "rb") as f:
+                entry.digests = parse_journal(f, layout.count)
+        except FileNotFoundError:
+            pass
+        for chunk in (path / "chunks").glob("*"):
+            index = int(chunk.name) if chunk.name.isdigit() else -1
+            ok = index in entry.digests and chunk.stat().st_size == layout.length(index)
+            if ok:
+                entry.present.add(index)
+            else:  # renamed in but never journaled, or the wrong size: not trustworthy
+                chunk.unlink(missing_ok=True)
+        try:
+            entry.last_used = (path / "used").stat().st_mtime
+        except FileNotFoundError:
+            entry.last_used = 0.0
+        self._entries[entry.key] = entry
+        self._used += entry.cached_bytes
+
+    # --- entries ------------------------------------------------------------------
+
+    def entry(self, identity: FileIdentity) -> Entry:
+        """The entry for ``identity``, created (meta.json on disk) if new."""
+        key = identity.key()
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                return found
+            entry = Entry(identity, self.chunk_size, self.root / "files" / key[:2] / key)
+            self._entries[key] = entry
+        try:
+            (entry.path / "chunks").mkdir(parents=True, exist_ok=True)
+            meta = {"format": 1, "uri": identity.uri, "etag": identity.etag,
+                    "size": identity.size, "chunk_size": self.chunk_size}
+            self._atomic_write(entry.path / "meta.json", json.dumps(meta).encode())
+        except OSError as e:
+            # The entry still works in memory; chunks will fail to write and be served uncached.
+            self._count_write_error(e)
+            log.warning("cannot create cache entry", extra={"uri": identity.uri, "error": str(e)})
+        self._publish_gauges()
+        return entry
+
+    def find(self, key: str) -> Entry | None:
+        with self._lock:
+            return self._entries.get(key)
+
+    def entries(self) -> list[Entry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def other_versions(self, identity: FileIdentity) -> list[Entry]:
+        with self._lock:
+            return [e for e in self._entries.values()
+                    if e.identity.uri == identity.uri and e.identity != identity]
+
+    def touch(self, entry: Entry) -> None:
+        """Mark ``entry`` used now (LRU order survives restarts via the ``used`` file's mtime)."""
+        now = time.time()
+        if now - entry.last_used < 1.0:
+            return  # LRU needs no finer clock; spare the syscall on hot paths
+        entry.last_used = now
+        try:
+            (entry.path / "used").touch()
+        except OSError:
+            pass
+
+    # --- pins: what is in use is never evicted -----------------------------------
+
+    def pin(self, entry: Entry) -> None:
+        with self._lock:
+            self._pins[entry.key] += 1
+
+    def unpin(self, entry: Entry) -> None:
+        with self._lock:
+            self._pins[entry.key] -= 1
+            if self._pins[entry.key] <= 0:
+                del self._pins[entry.key]
+
+    def pinned(self, entry: Entry) -> bool:
+        with self._lock:
+            return self._pins.get(entry.key, 0) > 0
+
+    # --- chunks -------------------------------------------------------------------
+
+    def has(self, entry: Entry, index: int) -> bool:
+        return index in entry.present
+
+    def read_verified(self, entry: Entry, index: int) -> bytes:
+        """Chunk ``index``'s bytes, checked against its digest.
+
+        A mismatch drops the chunk (so it is fetched again), counts it and raises
+        :class:`CorruptData`; an unreadable file raises :class:`CacheError`.
+        """
+        try:
+            data = entry.chunk_path(index).read_bytes()
+        except OSError as e:
+            self.drop_chunk(entry, index)
+            raise CacheError(f"cannot read cached chunk {index} of {entry.identity.uri}: {e}") from e
+        if len(data) != entry.layout.length(index) or digest(data) != entry.digests.get(index):
+            self.report_corrupt(entry, index)
+            raise CorruptData(f"cached chunk {index} of {entry.identity.uri} failed its digest "
+                              "check; it was removed and will be fetched again")
+        return data
+
+    def verify_present(self, entry: Entry, index: int) -> bool:
+        """True if chunk ``index`` is on disk and intact; a bad one is dropped and counted.
+
+        Hashes through a read-only mmap: no copy, and the pages it faults in are
+        the ones the next reader wants anyway.
+        """
+        try:
+            with open(entry.chunk_path(index), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != entry.layout.length(index):
+                    ok = False
+                elif size == 0:
+                    ok = digest(b"") == entry.digests.get(index)
+                else:
+                    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                        ok = digest(m) == entry.digests.get(index)
+        except OSError:
+            self.drop_chunk(entry, index)
+            return False
+        if not ok:
+            self.report_corrupt(entry, index)
+        return ok
+
+    def report_corrupt(self, entry: Entry, index: int) -> None:
+        """A reader found chunk ``index`` corrupt: count it and drop it."""
+        if self.metrics:
+            self.metrics.corrupt_chunks.labels("cache").inc()
+        log.warning("corrupt chunk dropped", extra={"uri": entry.identity.uri, "chunk": index})
+        self.drop_chunk(entry, index)
+
+    def drop_chunk(self, entry: Entry, index: int) -> None:
+        with self._lock:
+            if index in entry.present:
+                entry.present.discard(index)
+                self._used -= entry.layout.length(index)
+        try:
+            entry.chunk_path(index).unlink(missing_ok=True)
+        except OSError:
+            pass
+        self._publish_gauges()
+
+    def write_chunk(self, entry: Entry, index: int, data: memoryview) -> str:
+        """Store verified bytes of chunk ``index``: temp file, rename, journal. Returns the digest.
+
+        Raises :class:`CacheFull` when no room can be made, :class:`CacheError`
+        when the disk fails, :class:`CorruptData` if the bytes disagree with a
+        digest already known for this chunk (a peer or origin returned other bytes).
+        """
+        chunk_digest = digest(data)
+        known = entry.digests.get(index)
+        if known is not None and known != chunk_digest:
+            raise CorruptData(f"chunk {index} of {entry.identity.uri} arrived with different bytes "
+                              "than before (digest mismatch)")
+        self._make_room(len(data), entry)
+        tmp = self.root / "tmp" / f"{entry.key}.{index}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            self._write_file(tmp, data)
+            os.rename(tmp, entry.chunk_path(index))
+            if known is None:
+                with open(entry.path / "journal", "ab") as f:
+                    f.write(journal_line(index, chunk_digest))
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            entry.chunk_path(index).unlink(missing_ok=True)
+            raise self._write_error(e, entry) from e
+        with self._lock:
+            entry.digests[index] = chunk_digest
+            if index not in entry.present:
+                entry.present.add(index)
+                self._used += len(data)
+        self._publish_gauges()
+        return chunk_digest
+
+    @staticmethod
+    def _write_file(path: Path, data: memoryview) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        finally:
+            os.close(fd)
+
+    def _atomic_write(self, path: Path, data: bytes) -> None:
+        tmp = self.root / "tmp" / f"{path.parent.name}.{path.name}.{threading.get_ident()}"
+        self._write_file(tmp, memoryview(data))
+        os.rename(tmp, path)
+
+    def _write_error(self, e: OSError, entry: Entry) -> CacheError:
+        self._count_write_error(e)
+        if e.errno in _FULL_ERRNOS:
+            return CacheFull(f"cache disk {self.root.parent} is full; serving "
+                             f"{entry.identity.uri} from origin without caching")
+        return CacheError(f"cannot write to cache disk {self.root.parent}: {e.strerror or e}")
+
+    def _count_write_error(self, e: OSError) -> None:
+        if self.metrics:
+            reason = "full" if e.errno in _FULL_ERRNOS else errno.errorcode.get(e.errno or 0, "other")
+            self.metrics.cache_write_errors.labels(reason.lower()).inc()
+
+    # --- capacity and eviction -----------------------------------------------------
+
+    def capacity(self) -> int:
+        """Most bytes the cache may hold right now (its limit, minus the disk reserve)."""
+        try:
+            st = os.statvfs(self.root)
+            disk_total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        except OSError:
+            return self._used
+        limit = self.limits.size_bytes if self.limits.size_bytes is not None else disk_total
+        return eviction.capacity_bytes(limit, self._used, free, self.limits.reserve_bytes)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def _make_room(self, nbytes: int, for_entry: Entry) -> None:
+        with self._lock:
+            need = self._used + nbytes - self.capacity()
+            if need <= 0:
+                return
+            candidates = [eviction.Candidate(e.key, e.cached_bytes, e.last_used,
+                                             self._pins.get(e.key, 0) > 0 or e is for_entry)
+                          for e in self._entries.values()]
+            victims = eviction.choose_victims(candidates, need)
+            for victim in victims:
+                self._evict_locked(self._entries[victim.key], reason="lru")
+            if self._used + nbytes > self.capacity():
+                if self.metrics:
+                    self.metrics.cache_write_errors.labels("full").inc()
+                raise CacheFull(f"cache {self.root.parent} is full ({self._used} bytes used, "
+                                "the rest in use); serving from origin without caching")
+
+    def evict(self, entry: Entry) -> int:
+        """Remove a whole file from the cache unless it is in use. Returns bytes freed."""
+        with self._lock:
+            if self._pins.get(entry.key, 0) > 0:
+                raise FileBusy(f"{entry.identity.uri} is in use (open or being loaded); "
+                                   "not evicted")
+            return self._evict_locked(entry, reason="request")
+
+    def _evict_locked(self, entry: Entry, reason: str) -> int:
+        freed = entry.cached_bytes
+        self._entries.pop(entry.key, None)
+        self._used -= freed
+        entry.present.clear()
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if self.metrics and reason == "lru":
+            self.metrics.cache_evictions.inc()
+            self.metrics.cache_evicted_bytes.inc(freed)
+        log.info("evicted", extra={"uri": entry.identity.uri, "bytes": freed, "reason": reason})
+        self._publish_gauges()
+        return freed
+
+    def _publish_gauges(self) -> None:
+        if self.metrics:
+            self.metrics.cache_bytes.set(self._used)
+            self.metrics.cache_files.set(sum(1 for e in self._entries.values() if e.present))
+            self.metrics.cache_capacity.set(self.capacity())
+
