@@ -338,12 +338,21 @@ class ControlAPI:
                 "Content-Length": str(length), "Content-Type": "application/octet-stream",
                 "X-Coldbrew-ETag": f.info.etag, "X-Coldbrew-Size": str(f.info.size)})
             await response.prepare(request)
-            for n, index in enumerate(indexes):
-                chunk = first if n == 0 else await self.fetcher.chunk_bytes(f, index)
-                start, _ = layout.bounds(index)
-                lo = max(offset - start, 0)
-                hi = min(offset + length - start, len(chunk))
-                await response.write(memoryview(chunk)[lo:hi])
+            try:
+                for n, index in enumerate(indexes):
+                    chunk = first if n == 0 else await self.fetcher.chunk_bytes(f, index)
+                    start, _ = layout.bounds(index)
+                    lo = max(offset - start, 0)
+                    hi = min(offset + length - start, len(chunk))
+                    await response.write(memoryview(chunk)[lo:hi])
+            except ColdbrewError as e:
+                # The status line is gone already: cut the stream short. The client sees
+                # fewer bytes than Content-Length and asks again from where it stopped,
+                # which turns this error into a proper one (or succeeds after a blip).
+                log.info("read aborted mid-stream", extra={"uri": f.info.uri, "error": str(e)})
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
             await response.write_eof()
             return response
         finally:

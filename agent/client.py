@@ -129,7 +129,37 @@ class AgentClient:
 
     def read(self, uri: str | None = None, offset: int = 0, length: int | None = None, *,
              lease: str | None = None, piece_bytes: int = 1 << 20) -> Iterator[bytes]:
-        """Stream bytes through the agent (for readers that cannot see the cache dir)."""
+        """Stream bytes through the agent (for readers that cannot see the cache dir).
+
+        A stream cut short is resumed from where it stopped; the agent answers the
+        resumed request with the real error if there is one (e.g. ObjectChanged).
+        """
+        own_lease = None
+        if length is None:  # to the end: pin the version whose size we learn
+            opened = self.ensure(uri, offset, 0, lease=lease)
+            own_lease = None if lease else opened["lease"]
+            lease, length = opened["lease"], opened["size"] - offset
+        try:
+            yield from self._read_resuming(uri, offset, length, lease, piece_bytes)
+        finally:
+            if own_lease:
+                self.release(own_lease)
+
+    def _read_resuming(self, uri: str | None, offset: int, length: int, lease: str | None,
+                       piece_bytes: int) -> Iterator[bytes]:
+        stalls = 0
+        while length > 0:
+            got = 0
+            for piece in self._read_once(uri, offset, length, lease, piece_bytes):
+                got += len(piece)
+                yield piece
+            offset, length = offset + got, length - got
+            stalls = 0 if got else stalls + 1
+            if length and stalls >= 3:
+                raise AgentUnavailable(f"agent stream keeps ending early at offset {offset}")
+
+    def _read_once(self, uri: str | None, offset: int, length: int, lease: str | None,
+                   piece_bytes: int) -> Iterator[bytes]:
         query = urllib.parse.urlencode({k: v for k, v in {
             "uri": uri, "offset": offset, "length": length, "lease": lease}.items() if v is not None})
         conn = self._connection(None)
@@ -141,13 +171,18 @@ class AgentClient:
                 raise self._unavailable(e) from None
             if response.status != 200:
                 _decode(response.status, response.read())
-            expected = int(response.getheader("Content-Length", "-1"))
-            got = 0
-            while piece := response.read(piece_bytes):
-                got += len(piece)
+            while True:
+                try:
+                    piece = response.read(piece_bytes)
+                except http.client.IncompleteRead as e:
+                    if e.partial:
+                        yield e.partial
+                    return
+                except (ConnectionError, OSError):
+                    return
+                if not piece:
+                    return
                 yield piece
-            if expected >= 0 and got != expected:
-                raise AgentUnavailable(f"agent stream ended early: {got} of {expected} bytes")
         finally:
             conn.close()
 

@@ -12,6 +12,7 @@ gets a message naming where it came from::
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -104,7 +105,7 @@ def parse_bool(text: str | bool) -> bool:
 def _positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def parse(text: Any) -> Any:
         value = kind(text)
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise ValueError(f"{text!r} must be greater than 0")
         return value
 
@@ -135,6 +136,7 @@ class Setting:
     help: str
     #: Extra environment variables read when COLDBREW_<NAME> is unset (e.g. AWS ones).
     env_aliases: tuple[str, ...] = ()
+    required: bool = False
 
     @property
     def env(self) -> str:
@@ -147,7 +149,7 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("origin", parse_origin, None,
-            "where models live: s3://bucket/prefix or any fsspec URL (required)"),
+            "where models live: s3://bucket/prefix or any fsspec URL (required)", required=True),
     Setting("endpoint_url", _optional_str, None,
             "S3 endpoint URL for S3-compatible stores", env_aliases=("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")),
     Setting("region", _optional_str, None, "S3 region",
@@ -222,6 +224,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     agent = data.get("agent", data)  # a top-level [agent] table is optional
+    if "agent" in data:
+        stray = sorted(set(data) - {"agent", "prewarm"})
+        if stray:
+            raise ConfigError(f"config file {path}: key(s) {', '.join(stray)} sit outside the "
+                              "[agent] table; put every setting inside it (or drop the table)")
     unknown = sorted(set(agent) - set(_BY_NAME) - {"agent", "prewarm"})
     if unknown:
         raise ConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)}; "
@@ -258,7 +265,7 @@ def load_config(
 
 def _parse_one(setting: Setting, given: tuple[Any, str] | None) -> Any:
     if given is None:
-        if setting.default is None:
+        if setting.required:
             raise ConfigError(f"{setting.name} is required: pass {setting.flag}, set {setting.env} "
                               f"or put `{setting.name} = ...` in the config file")
         return setting.default

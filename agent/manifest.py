@@ -64,6 +64,8 @@ class ChunkLayout:
 
     def chunks_for(self, offset: int, length: int) -> range:
         """Indexes of the chunks that hold bytes [offset, offset+length), clipped to the file."""
+        if offset < 0:
+            raise ValueError(f"negative offset {offset}")
         end = min(offset + length, self.size)
         if length <= 0 or offset >= end:
             return range(0)

@@ -71,6 +71,19 @@ def _s3_error(exc: BaseException) -> tuple[str | None, int | None]:
     return None, None
 
 
+def _is_short_body(exc: BaseException) -> bool:
+    """The server promised more bytes than it sent (connection cut mid-body)."""
+    import aiohttp
+    import botocore.exceptions as bex
+
+    short = (aiohttp.ClientPayloadError, bex.IncompleteReadError, bex.ResponseStreamingError)
+    while exc is not None:
+        if isinstance(exc, short):
+            return True
+        exc = exc.__cause__
+    return False
+
+
 def _is_network_error(exc: BaseException) -> bool:
     import aiohttp
     import botocore.exceptions as bex
@@ -105,6 +118,8 @@ def translate(exc: BaseException, uri: str, endpoint: str | None = None) -> Cold
                              "longer matches); open it again to read the new version")
     if code in _RETRY_CODES or (status is not None and (status >= 500 or status == 429)):
         return TransientOriginError(f"{uri}: {status} {code}", reason=str(code or status).lower())
+    if _is_short_body(exc):
+        return TransientOriginError(f"{uri}: short body from the origin ({exc})", reason="short_body")
     if _is_network_error(exc):
         where = f" at {endpoint}" if endpoint else ""
         return TransientOriginError(f"cannot read {uri}{where}: {type(exc).__name__}: {exc}",
@@ -166,7 +181,7 @@ class Origin:
             endpoint_url=config.endpoint_url,
             client_kwargs=client_kwargs,
             config_kwargs={
-                "retries": {"max_attempts": 1, "mode": "standard"},
+                "retries": {"total_max_attempts": 1, "mode": "standard"},
                 "connect_timeout": config.connect_timeout_s,
                 "read_timeout": config.read_timeout_s,
                 "max_pool_connections": max(16, 2 * config.fetch_concurrency),

@@ -26,7 +26,8 @@ class RetryPolicy:
 
     def delay_s(self, retry_number: int, rng: random.Random) -> float:
         """Pause before retry ``retry_number`` (0-based): half fixed, half jitter."""
-        ceiling = min(self.max_delay_s, self.base_delay_s * (2**retry_number))
+        # min() on the exponent first: 2**1100 would overflow a float.
+        ceiling = min(self.max_delay_s, self.base_delay_s * (2 ** min(retry_number, 60)))
         return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 

@@ -94,4 +94,5 @@ class Slots:
 
     @property
     def waiting(self) -> int:
-        return sum(1 for _, _, w in self._heap if not w.future.done())
+        # a boosted waiter has two heap entries: count waiters, not entries
+        return len({id(w) for _, _, w in self._heap if not w.future.done()})

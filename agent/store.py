@@ -53,6 +53,23 @@ LAYOUT_VERSION = "coldbrew-v1"
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
+def _read_journal(path: Path) -> list[bytes]:
+    """The journal's complete lines; a torn tail (crash mid-append) is cut off on disk.
+
+    Cutting matters: the next append would otherwise be glued onto the
+    fragment and could read back as another chunk's line ("1" + "3 <d>" = "13 <d>").
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return data[:end].splitlines()
+
+
 def chunk_name(index: int) -> str:
     return f"{index:08d}"
 
@@ -140,8 +157,15 @@ class ChunkStore:
     def _wipe_tmp(self) -> int:
         count = 0
         for p in (self.root / "tmp").iterdir():
-            p.unlink(missing_ok=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             count += 1
+        # An entry whose meta.json never landed (crash or full disk at creation) is junk.
+        for d in self.root.glob("files/*/*"):
+            if not (d / "meta.json").exists():
+                shutil.rmtree(d, ignore_errors=True)
         return count
 
     def _load_entry(self, path: Path) -> None:
@@ -156,16 +180,15 @@ class ChunkStore:
             shutil.rmtree(path, ignore_errors=True)
             return
         layout = entry.layout
-        try:
-            with open(path / "journal", "rb") as f:
-                entry.digests = parse_journal(f, layout.count)
-        except FileNotFoundError:
-            pass
+        entry.digests = parse_journal(_read_journal(path / "journal"), layout.count)
         for chunk in (path / "chunks").glob("*"):
             index = int(chunk.name) if chunk.name.isdigit() else -1
-            ok = index in entry.digests and chunk.stat().st_size == layout.length(index)
+            ok = (index in entry.digests and chunk.is_file()
+                  and chunk.stat().st_size == layout.length(index))
             if ok:
                 entry.present.add(index)
+            elif chunk.is_dir():
+                shutil.rmtree(chunk, ignore_errors=True)
             else:  # renamed in but never journaled, or the wrong size: not trustworthy
                 chunk.unlink(missing_ok=True)
         try:
@@ -313,7 +336,8 @@ class ChunkStore:
         if known is not None and known != chunk_digest:
             raise CorruptData(f"chunk {index} of {entry.identity.uri} arrived with different bytes "
                               "than before (digest mismatch)")
-        self._make_room(len(data), entry)
+        if index not in entry.present:  # rewriting a present chunk needs no new room
+            self._make_room(len(data), entry)
         tmp = self.root / "tmp" / f"{entry.key}.{index}.{os.getpid()}.{threading.get_ident()}"
         try:
             self._write_file(tmp, data)

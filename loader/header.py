@@ -347,7 +347,7 @@ def _tensor_error(source: str, name: str, problem: str) -> HeaderError:
 
 
 def _parse_metadata(value: Any, source: str) -> dict[str, str] | None:
-    if value is None:  # absent, or an explicit null: safetensors allows both
+    if not value:  # absent, or an explicit null: safetensors allows both
         return None
     if type(value) is not dict:
         raise HeaderError(f"{source}: __metadata__ is a {_json_type(value)}, expected an object")
@@ -434,21 +434,23 @@ def _byte_size(dtype: str, shape: tuple[int, ...], name: str, source: str) -> in
 def _check_layout(tensors: list[TensorEntry], header_size: int, source: str) -> int:
     """Tensors must tile the data region from its first byte, without gaps or overlaps.
 
-    Returns the file offset where the data ends.
+    Returns the file offset where the data ends. Messages use data offsets,
+    the numbers a person finds in the header.
     """
-    cursor = header_size
+    cursor = 0
     previous = None
     for t in tensors:
-        if t.begin < cursor:
+        begin, end = t.begin - header_size, t.end - header_size
+        if begin < cursor:
             raise _tensor_error(
                 source, t.name,
-                f"bytes [{t.begin}, {t.end}) overlap tensor {previous!r} (ends at {cursor})",
+                f"data_offsets [{begin}, {end}] overlap tensor {previous!r}, which ends at {cursor}",
             )
-        if t.begin > cursor:
+        if begin > cursor:
             raise _tensor_error(
                 source, t.name,
-                f"starts at byte {t.begin}, leaving a gap after byte {cursor} "
-                "(safetensors requires the tensors to cover the data without holes)",
+                f"data_offsets start at {begin}, leaving data bytes [{cursor}, {begin}) "
+                "unclaimed (safetensors requires the tensors to cover the data without holes)",
             )
-        cursor, previous = t.end, t.name
-    return cursor
+        cursor, previous = end, t.name
+    return header_size + cursor

@@ -1,0 +1,74 @@
+"""Shared fixtures: one real S3-compatible server per test session, a fresh bucket per test.
+
+Everything runs on 127.0.0.1: the SeaweedFS server (``coldbrew.agent.locals3``),
+the fault proxy in front of it, and real agent processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from coldbrew.agent.locals3 import LocalS3  # noqa: E402
+from support.agentproc import AgentProcess  # noqa: E402
+from support.faultproxy import FaultProxy  # noqa: E402
+
+_bucket_ids = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
+    server = LocalS3(tmp_path_factory.mktemp("s3"))
+    with server:
+        yield server
+
+
+@pytest.fixture
+def s3_client(s3: LocalS3) -> Any:
+    return s3.client()
+
+
+@pytest.fixture
+def bucket(s3: LocalS3, s3_client: Any) -> str:
+    """A fresh, empty bucket for this test."""
+    name = f"t{os.getpid()}-{next(_bucket_ids)}"
+    s3_client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def proxy(s3: LocalS3) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the S3 server; point agents at ``proxy.url``."""
+    with FaultProxy("127.0.0.1", s3.port) as p:
+        yield p
+
+
+@pytest.fixture
+def agent_env(s3: LocalS3) -> dict[str, str]:
+    return s3.env()
+
+
+@pytest.fixture
+def make_agent(tmp_path: Path, agent_env: dict[str, str]) -> Iterator[Any]:
+    """``make_agent(origin, endpoint=None, **kw)`` starts a real agent; all are stopped after the test."""
+    agents: list[AgentProcess] = []
+
+    def make(origin: str, *, endpoint: str | None = None, start: bool = True,
+             env: dict[str, str] | None = None, **kw: Any) -> AgentProcess:
+        merged = {**agent_env, **(env or {})}
+        if endpoint:
+            merged["AWS_ENDPOINT_URL"] = endpoint
+        a = AgentProcess(tmp_path, origin, merged, name=kw.pop("name", f"agent{len(agents)}"), **kw)
+        agents.append(a)
+        return a.start() if start else a
+
+    yield make
+    for a in agents:
+        a.kill()

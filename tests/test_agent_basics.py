@@ -1,0 +1,91 @@
+"""The agent end to end with real parts: prewarm, status, ls, get, evict, restart, health."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+from support.data import put_random
+
+MiB = 1 << 20
+
+
+def test_prewarm_status_get_evict(bucket, s3_client, make_agent, tmp_path):
+    files = {
+        "llama/model-00001.safetensors": put_random(s3_client, bucket, "llama/model-00001.safetensors", 5 * MiB + 7, 1),
+        "llama/model-00002.safetensors": put_random(s3_client, bucket, "llama/model-00002.safetensors", 3 * MiB, 2),
+        "llama/config.json": put_random(s3_client, bucket, "llama/config.json", 300, 3),
+        "llama/empty.txt": b"",
+    }
+    s3_client.put_object(Bucket=bucket, Key="llama/empty.txt", Body=b"")
+    agent = make_agent(f"s3://{bucket}", extra_args=["--chunk-size", "1MiB"])
+
+    done = agent.cli("prewarm", "llama", "--wait", "--quiet", check=True)
+    assert "prewarm done: 4/4 files" in done.stdout
+
+    status = json.loads(agent.cli("status", "llama", "--json", check=True).stdout)
+    by_uri = {f["uri"]: f for f in status["files"]}
+    assert set(by_uri) == {f"s3://{bucket}/{k}" for k in files}
+    for key, data in files.items():
+        entry = by_uri[f"s3://{bucket}/{key}"]
+        assert entry["complete"] and entry["cached_bytes"] == len(data) == entry["size"]
+    assert status["agent"]["cache_bytes"] == sum(len(d) for d in files.values())
+
+    human = agent.cli("status", check=True).stdout
+    assert "100%" in human and "model-00001.safetensors" in human
+
+    listing = json.loads(agent.cli("ls", f"s3://{bucket}/llama/", "--json", check=True).stdout)
+    assert sorted(e["name"] for e in listing["entries"]) == sorted(k.split("/")[-1] for k in files)
+    top = agent.cli("ls", check=True).stdout
+    assert "PRE" in top and "llama/" in top
+
+    for key, data in files.items():
+        dest = tmp_path / key.replace("/", "_")
+        agent.cli("get", f"s3://{bucket}/{key}", str(dest), "--quiet", check=True)
+        assert dest.read_bytes() == data
+
+    # get into a directory keeps the object's name
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    agent.cli("get", "llama/config.json", str(outdir), "--quiet", check=True)
+    assert (outdir / "config.json").read_bytes() == files["llama/config.json"]
+
+    evicted = json.loads(agent.cli("evict", f"s3://{bucket}/llama", "--json", check=True).stdout)
+    assert len(evicted["evicted"]) == 4 and evicted["bytes"] == sum(len(d) for d in files.values())
+    after = json.loads(agent.cli("status", "llama", "--json", check=True).stdout)
+    assert all(f["cached_bytes"] == 0 for f in after["files"]) and after["agent"]["cache_bytes"] == 0
+    assert not list((agent.cache_dir / "coldbrew-v1" / "files").glob("*/*"))
+
+
+def test_restart_comes_back_warm(bucket, s3_client, make_agent, proxy, tmp_path):
+    data = put_random(s3_client, bucket, "m/w.bin", 6 * MiB + 123, 9)
+    agent = make_agent(f"s3://{bucket}", endpoint=proxy.url, extra_args=["--chunk-size", "1MiB"])
+    agent.cli("prewarm", "m/w.bin", "--wait", "--quiet", check=True)
+    assert agent.stop() == 0
+    assert not agent.socket.exists(), "SIGTERM must remove the control socket"
+
+    agent.start()
+    proxy.reset_counts()
+    status = agent.client.status("m/w.bin")
+    assert status["files"][0]["complete"]
+    agent.cli("get", "m/w.bin", str(tmp_path / "w.bin"), "--quiet", check=True)
+    assert (tmp_path / "w.bin").read_bytes() == data
+    assert proxy.counts["ranged_gets"] == 0, \
+        "a warm restart must read no object bytes from origin"
+    assert agent.metric("coldbrew_origin_bytes_total") == 0
+    assert agent.metric("coldbrew_bytes_served_total", source="cache") == len(data)
+
+
+def test_health_ready_and_metrics(bucket, make_agent):
+    agent = make_agent(f"s3://{bucket}")
+    base = f"http://{agent.metrics_address}"
+    assert urllib.request.urlopen(base + "/healthz").read() == b"ok\n"
+    assert urllib.request.urlopen(base + "/readyz").status == 200
+    text = urllib.request.urlopen(base + "/metrics").read().decode()
+    for name in ("coldbrew_bytes_served_total", "coldbrew_origin_requests_total",
+                 "coldbrew_cache_bytes", "coldbrew_cache_capacity_bytes", "coldbrew_corrupt_chunks_total",
+                 "coldbrew_inflight_fetches", "coldbrew_ready"):
+        assert name in text
+    assert agent.metric("coldbrew_ready") == 1
+    facts = agent.client.health()
+    assert facts["origin"] == f"s3://{bucket}" and facts["ready"] is True
