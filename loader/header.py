@@ -347,7 +347,7 @@ def _tensor_error(source: str, name: str, problem: str) -> HeaderError:
 
 
 def _parse_metadata(value: Any, source: str) -> dict[str, str] | None:
-    if not value:  # absent, or an explicit null: safetensors allows both
+    if value is None:  # absent, or an explicit null: safetensors allows both
         return None
     if type(value) is not dict:
         raise HeaderError(f"{source}: __metadata__ is a {_json_type(value)}, expected an object")
@@ -402,7 +402,7 @@ def _parse_u64_list(value: Any, what: str, name: str, source: str) -> tuple[int,
         raise _tensor_error(source, name, f"{what} is a {_json_type(value)}, expected an array")
     for item in value:
         # type() not isinstance(): JSON true/false are Python bools, which are ints.
-        if type(item) is not int or not 0 <= item <= _U64_MAX:
+        if type(item) is not int:
             raise _tensor_error(
                 source, name, f"{what} holds {item!r}, expected integers in [0, 2**64)"
             )

@@ -521,7 +521,8 @@ def valid_drafts(draw: st.DrawFn) -> Draft:
     Sub-byte dtypes with an odd count are left in: both parsers must refuse them.
     """
     names = draw(st.lists(FUZZ_NAMES, max_size=5, unique=True))
-    infos = [(n, draw(st.sampled_from(sorted(DTYPES))), draw(st.lists(st.integers(0, 3), max_size=3))) for n in names]
+    dims = st.sampled_from([1, 2, 3, 0])  # mostly non-empty tensors
+    infos = [(n, draw(st.sampled_from(sorted(DTYPES))), draw(st.lists(dims, max_size=3))) for n in names]
     offset, offsets = 0, {}
     for i in draw(st.permutations(range(len(infos)))):
         _, dtype, shape = infos[i]
@@ -606,11 +607,11 @@ def _odd_offset(draw: st.DrawFn, draft: Draft, name: str, fields: dict[str, Any]
 def _shift(draw: st.DrawFn, draft: Draft, name: str, fields: dict[str, Any]) -> Pair | None:
     # Moves a tensor, or it and all after it with the file resized to match:
     # either way a gap or an overlap, in the second case the only fault.
-    delta = draw(st.sampled_from([-2, -1, 1, 2, 8]))
+    delta = draw(st.sampled_from([-1, -2, 1, 2, 8]))
     if not _offsets_are_ints(fields):
         return None
     begin = fields["data_offsets"][0]
-    if draw(st.booleans()):
+    if draw(st.sampled_from([True, True, False])):
         _move_later_tensors(draft, begin + 1, delta)
     fields["data_offsets"] = [o + delta for o in fields["data_offsets"]]
     return None
@@ -639,7 +640,7 @@ def _drop_field(draw: st.DrawFn, draft: Draft, name: str, fields: dict[str, Any]
 
 def _extra_field(draw: st.DrawFn, draft: Draft, name: str, fields: dict[str, Any]) -> Pair | None:
     edge = st.sampled_from(EDGE_VALUES)
-    value = draw(edge | edge.map(lambda v: [v]) | edge.map(lambda v: obj({"k": v})) | JSON_VALUES)
+    value = draw(st.one_of(edge, edge.map(lambda v: [v]), edge.map(lambda v: obj({"k": v})), JSON_VALUES))
     fields[draw(st.sampled_from(["x", "__metadata__", "dtypes"]))] = value
 
 
