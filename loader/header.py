@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -244,6 +245,11 @@ def _torch_shape(entry: TensorEntry, source: str) -> tuple[int, ...]:
 # close each gap so the two agree on what a valid header is.
 
 
+#: A lone surrogate can only come from a \uD800-\uDFFF escape (the text is
+#: valid UTF-8), so headers without one skip the per-string check.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 class _Rejected(ValueError):
     """Raised inside json hooks; turned into a HeaderError with the source."""
 
@@ -253,10 +259,12 @@ def _decode_json(header_json: bytes, source: str) -> Any:
         text = str(header_json, "utf-8")
     except UnicodeDecodeError as e:
         raise HeaderError(f"{source}: header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    # Strings in arrays are checked by _check_ignored: only unknown fields can hold them.
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
     try:
         return json.loads(
             text,
-            object_pairs_hook=_object_without_duplicates,
+            object_pairs_hook=_object_without_surrogates if surrogates else _object_without_duplicates,
             parse_int=_parse_json_int,
             parse_float=_parse_json_float,
             parse_constant=_reject_json_constant,
@@ -270,15 +278,22 @@ def _decode_json(header_json: bytes, source: str) -> Any:
 
 
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Rejected(f"duplicate key {key!r}")
+            seen.add(key)
+    return obj
+
+
+def _object_without_surrogates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     for key, value in pairs:
-        if key in obj:
-            raise _Rejected(f"duplicate key {key!r}")
         _check_string(key)
         if type(value) is str:
             _check_string(value)
-        obj[key] = value
-    return obj
+    return _object_without_duplicates(pairs)
 
 
 def _check_string(s: str) -> None:
@@ -402,7 +417,7 @@ def _parse_u64_list(value: Any, what: str, name: str, source: str) -> tuple[int,
         raise _tensor_error(source, name, f"{what} is a {_json_type(value)}, expected an array")
     for item in value:
         # type() not isinstance(): JSON true/false are Python bools, which are ints.
-        if type(item) is not int:
+        if type(item) is not int or not 0 <= item <= _U64_MAX:
             raise _tensor_error(
                 source, name, f"{what} holds {item!r}, expected integers in [0, 2**64)"
             )

@@ -89,3 +89,37 @@ def test_health_ready_and_metrics(bucket, make_agent):
     assert agent.metric("coldbrew_ready") == 1
     facts = agent.client.health()
     assert facts["origin"] == f"s3://{bucket}" and facts["ready"] is True
+
+
+def test_lru_eviction_keeps_files_in_use(bucket, s3_client, make_agent, tmp_path):
+    a = put_random(s3_client, bucket, "m/a.bin", 5 * MiB, 31)
+    put_random(s3_client, bucket, "m/b.bin", 5 * MiB, 32)
+    put_random(s3_client, bucket, "m/c.bin", 5 * MiB, 33)
+    agent = make_agent(f"s3://{bucket}", extra_args=["--chunk-size", "1MiB", "--cache-size", "11MiB",
+                                                     "--cache-reserve", "0"])
+    agent.cli("prewarm", "m/a.bin", "--wait", "--quiet", check=True)
+    agent.cli("prewarm", "m/b.bin", "--wait", "--quiet", check=True)
+    # c does not fit beside a and b: the least recently used (a) goes.
+    agent.cli("prewarm", "m/c.bin", "--wait", "--quiet", check=True)
+    cached = {f["uri"].rsplit("/", 1)[-1]: f["cached_bytes"] for f in agent.client.status()["files"]}
+    assert cached == {"b.bin": 5 * MiB, "c.bin": 5 * MiB}
+    assert agent.metric("coldbrew_cache_evictions_total") == 1
+
+    # Readers hold b and c (leases, as the loader takes them): no room for a, and
+    # nothing in use is evicted.
+    lease_b = agent.client.ensure(f"s3://{bucket}/m/b.bin", 0, 1)["lease"]
+    lease_c = agent.client.ensure(f"s3://{bucket}/m/c.bin", 0, 1)["lease"]
+    r = agent.cli("prewarm", "m/a.bin", "--wait", "--quiet")
+    assert r.returncode == 1 and "could not be cached" in r.stderr
+    cached = {f["uri"].rsplit("/", 1)[-1]: f["cached_bytes"] for f in agent.client.status()["files"]}
+    assert cached["b.bin"] == 5 * MiB and cached["c.bin"] == 5 * MiB
+    # ... yet a is still readable, byte-exact, straight from origin
+    agent.cli("get", "m/a.bin", str(tmp_path / "a.bin"), "--quiet", check=True)
+    assert (tmp_path / "a.bin").read_bytes() == a
+    r = agent.cli("evict", "m/b.bin")
+    assert r.returncode == 1 and "in use" in r.stderr
+
+    agent.client.release(lease_b)
+    agent.client.release(lease_c)
+    agent.cli("prewarm", "m/a.bin", "--wait", "--quiet", check=True)
+    assert agent.metric("coldbrew_cache_evictions_total") == 2
