@@ -99,7 +99,7 @@ class Leases:
 
     def expire(self) -> None:
         now = time.monotonic()
-        for lease in [l for l in self._leases.values() if l.expires < now]:
+        for lease in [x for x in self._leases.values() if x.expires < now]:
             self.release(lease.id)
 
     def release_all(self) -> None:

@@ -32,6 +32,13 @@ class ConfigError(ColdbrewError, ValueError):
     errno_code = errno.EINVAL
 
 
+class HeaderError(ColdbrewError, ValueError):
+    """A safetensors header is malformed, inconsistent or too large (untrusted input)."""
+
+    kind = "bad_header"
+    errno_code = errno.EINVAL
+
+
 class UsageError(ColdbrewError, ValueError):
     """A request is malformed: an unknown URI scheme, a range past the end..."""
 
@@ -173,5 +180,5 @@ def errno_for(exc: BaseException) -> int:
     if isinstance(exc, ColdbrewError):
         return exc.errno_code
     if isinstance(exc, OSError) and exc.errno:
-        return exc.errno_code
+        return exc.errno
     return errno.EIO

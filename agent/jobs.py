@@ -175,7 +175,7 @@ class Jobs:
         finally:
             for w in workers:
                 w.cancel()
-        for n, progress in enumerate(job.files):
+        for progress in job.files:
             if progress.uncached_chunks:
                 job.errors.append(
                     f"{progress.uri}: {progress.uncached_chunks} chunk(s) could not be cached "

@@ -22,12 +22,13 @@ stricter, all for shapes no writer produces:
 
 Dimensions up to 2**64-1 and dtypes torch cannot represent (``F6_*``) pass
 here, as in safetensors: they are a torch limit, checked by
-:func:`torch_dtype_and_shape` where the loader builds tensors.
+:func:`torch_dtype_and_shape` where the loader builds tensors. One corner is
+left open: a number in an unknown field within a rounding step of the largest
+f64 may be judged in range by one parser and out of range by the other.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import re
 from collections.abc import Mapping
@@ -36,7 +37,7 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from coldbrew.agent.errors import ColdbrewError
+from coldbrew.agent.errors import HeaderError
 
 if TYPE_CHECKING:  # torch stays out of this module at run time
     import torch
@@ -54,17 +55,6 @@ _JSON_MAX_DEPTH = 127
 _ENTRY_DEPTH = 2
 _METADATA_KEY = "__metadata__"
 _REQUIRED_FIELDS = ("dtype", "shape", "data_offsets")
-
-
-class HeaderError(ColdbrewError, ValueError):
-    """A safetensors header is malformed, inconsistent or too large.
-
-    Part of coldbrew's error hierarchy (:mod:`coldbrew.agent.errors`) and a
-    ``ValueError``, like the errors safetensors itself raises for bad files.
-    """
-
-    kind = "bad_header"
-    errno_code = errno.EINVAL
 
 
 #: safetensors dtype -> (bits per element, name of the torch dtype or None).
@@ -181,7 +171,7 @@ def parse_header(
         )
     doc = _decode_json(header_json, source)
     if type(doc) is not dict:
-        raise HeaderError(f"{source}: header JSON is a {_json_type(doc)}, expected an object")
+        raise HeaderError(f"{source}: header JSON is {_json_type(doc)}, expected an object")
     metadata = _parse_metadata(doc.pop(_METADATA_KEY, None), source)
     tensors = sorted(
         (_parse_entry(name, value, header_size, source) for name, value in doc.items()),
@@ -330,8 +320,9 @@ def _reject_json_constant(name: str) -> Any:
 
 
 def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
-    return names.get(type(value), "number")
+    """What a JSON value is, for messages: "an array", "null"..."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
 def _check_ignored(value: Any, depth: int, where: str) -> None:
@@ -365,18 +356,18 @@ def _parse_metadata(value: Any, source: str) -> dict[str, str] | None:
     if value is None:  # absent, or an explicit null: safetensors allows both
         return None
     if type(value) is not dict:
-        raise HeaderError(f"{source}: __metadata__ is a {_json_type(value)}, expected an object")
+        raise HeaderError(f"{source}: __metadata__ is {_json_type(value)}, expected an object")
     for key, item in value.items():
         if type(item) is not str:
             raise HeaderError(
-                f"{source}: __metadata__[{key!r}] is a {_json_type(item)}, expected a string"
+                f"{source}: __metadata__[{key!r}] is {_json_type(item)}, expected a string"
             )
     return value
 
 
 def _parse_entry(name: str, value: Any, header_size: int, source: str) -> TensorEntry:
     if type(value) is not dict:
-        raise _tensor_error(source, name, f"entry is a {_json_type(value)}, expected an object")
+        raise _tensor_error(source, name, f"entry is {_json_type(value)}, expected an object")
     missing = [f for f in _REQUIRED_FIELDS if f not in value]
     if missing:
         raise _tensor_error(source, name, f"missing {', '.join(missing)}")
@@ -406,7 +397,7 @@ def _parse_entry(name: str, value: Any, header_size: int, source: str) -> Tensor
 
 def _parse_dtype(value: Any, name: str, source: str) -> str:
     if type(value) is not str:
-        raise _tensor_error(source, name, f"dtype is a {_json_type(value)}, expected a string")
+        raise _tensor_error(source, name, f"dtype is {_json_type(value)}, expected a string")
     if value not in DTYPES:
         raise _tensor_error(source, name, f"unknown dtype {value!r}")
     return value
@@ -414,7 +405,7 @@ def _parse_dtype(value: Any, name: str, source: str) -> str:
 
 def _parse_u64_list(value: Any, what: str, name: str, source: str) -> tuple[int, ...]:
     if type(value) is not list:
-        raise _tensor_error(source, name, f"{what} is a {_json_type(value)}, expected an array")
+        raise _tensor_error(source, name, f"{what} is {_json_type(value)}, expected an array")
     for item in value:
         # type() not isinstance(): JSON true/false are Python bools, which are ints.
         if type(item) is not int or not 0 <= item <= _U64_MAX:

@@ -17,7 +17,7 @@ def run(*args, env=None, timeout=60):
 
 
 def last_line(result) -> str:
-    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    lines = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
     assert "Traceback" not in result.stderr, result.stderr
     return lines[-1] if lines else ""
 

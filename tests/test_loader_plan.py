@@ -9,8 +9,6 @@ pin concrete plans.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +18,7 @@ from coldbrew.loader.plan import (
     DEFAULT_MAX_GAP_BYTES,
     DEFAULT_SPAN_BYTES,
     MiB,
+    NameFilter,
     ReadSpan,
     TensorPiece,
     chunks_for_span,
@@ -119,7 +118,9 @@ MAX_GAPS = st.sampled_from([0, 1, 2, 8, 16]) | st.integers(0, 64)
     max_gap=MAX_GAPS,
     picks=st.lists(st.booleans(), min_size=12, max_size=12),
 )
-def test_plan_properties(sizes: list[int], data_start: int, span_bytes: int, max_gap: int, picks: list[bool]) -> None:
+def test_plan_properties(
+    sizes: list[int], data_start: int, span_bytes: int, max_gap: int, picks: list[bool]
+) -> None:
     header = make_header(sizes, data_start)
     wanted = [t for t, pick in zip(header.tensors, picks) if pick]
     spans = plan_reads(header, {t.name for t in wanted}, span_bytes=span_bytes, max_gap_bytes=max_gap)
@@ -204,7 +205,7 @@ def test_nothing_wanted_or_no_tensors_plan_nothing() -> None:
     ("wanted", "names"),
     [(None, ["t0", "t1", "t2"]), ({"t2", "t0"}, ["t0", "t2"]), (["t1"], ["t1"]), (lambda n: n.endswith("1"), ["t1"])],
 )
-def test_select_tensors_keeps_file_order(wanted: Collection[str] | Callable[[str], bool] | None, names: list[str]) -> None:
+def test_select_tensors_keeps_file_order(wanted: NameFilter, names: list[str]) -> None:
     assert [t.name for t in select_tensors(make_header([1, 2, 3]), wanted)] == names
 
 
