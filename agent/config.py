@@ -211,7 +211,48 @@ class AgentConfig:
     log_level: str
 
 
+    @property
+    def origin_settings(self) -> "OriginSettings":
+        return OriginSettings(
+            url=self.origin, endpoint_url=self.endpoint_url, region=self.region,
+            anonymous=self.anonymous, fetch_concurrency=self.fetch_concurrency,
+            retry_attempts=self.retry_attempts, retry_base_delay_s=self.retry_base_delay_s,
+            retry_max_delay_s=self.retry_max_delay_s, connect_timeout_s=self.connect_timeout_s,
+            read_timeout_s=self.read_timeout_s)
+
+
 assert {f.name for f in fields(AgentConfig)} == set(_BY_NAME), "SETTINGS and AgentConfig differ"
+
+
+@dataclass(frozen=True)
+class OriginSettings:
+    """What an origin client needs. The agent derives it from its config; the loader,
+    running without an agent, from its arguments and the usual AWS environment."""
+
+    url: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    anonymous: bool = False
+    fetch_concurrency: int = 8
+    retry_attempts: int = 8
+    retry_base_delay_s: float = 0.1
+    retry_max_delay_s: float = 5.0
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+
+    @classmethod
+    def from_env(cls, url: str, env: Mapping[str, str] | None = None, **overrides: Any
+                 ) -> "OriginSettings":
+        """Settings for ``url`` with endpoint and region from COLDBREW_*/AWS_* variables."""
+        env = os.environ if env is None else env
+        found: dict[str, Any] = {}
+        for name in ("endpoint_url", "region"):
+            setting = _BY_NAME[name]
+            for var in (setting.env, *setting.env_aliases):
+                if env.get(var):
+                    found[name] = env[var]
+                    break
+        return cls(url=parse_origin(url), **{**found, **overrides})
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

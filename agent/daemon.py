@@ -81,7 +81,7 @@ class Agent:
                         reserve_bytes=cfg.cache_reserve.resolve(disk))
         self.store = ChunkStore(cfg.cache_dir, cfg.chunk_size, limits, self.metrics)
         await asyncio.to_thread(self.store.open)
-        self.origin = Origin(cfg, self.metrics)
+        self.origin = Origin(cfg.origin_settings, self.metrics)
         if cfg.check_origin:
             await self.origin.check()
         self.fetcher = Fetcher(self.origin, self.store, self.metrics, cfg.fetch_concurrency)

@@ -21,7 +21,7 @@ from typing import Any
 
 import fsspec
 
-from .config import AgentConfig
+from .config import OriginSettings
 from .errors import (
     AccessDenied,
     BucketNotFound,
@@ -160,8 +160,8 @@ class Origin:
     bound to the loop it was made on).
     """
 
-    def __init__(self, config: AgentConfig, metrics: AgentMetrics | None = None) -> None:
-        self.root = config.origin.rstrip("/")
+    def __init__(self, config: OriginSettings, metrics: AgentMetrics | None = None) -> None:
+        self.root = config.url.rstrip("/")
         self.protocol = self.root.split("://", 1)[0]
         self.endpoint = config.endpoint_url
         self.policy = RetryPolicy(config.retry_attempts, config.retry_base_delay_s,
@@ -170,7 +170,7 @@ class Origin:
         self.fs = self._make_fs(config)
         self.is_s3 = self.protocol in ("s3", "s3a")
 
-    def _make_fs(self, config: AgentConfig) -> fsspec.AbstractFileSystem:
+    def _make_fs(self, config: OriginSettings) -> fsspec.AbstractFileSystem:
         if self.protocol not in ("s3", "s3a"):
             return fsspec.filesystem(self.protocol, skip_instance_cache=True)
         import s3fs
