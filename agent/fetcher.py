@@ -17,6 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Callable
 
 from .errors import CacheError, CorruptData, ObjectChanged
 from .metrics import AgentMetrics
@@ -208,7 +209,7 @@ class Fetcher:
             self._prefetch.pop(f.entry.key, None)
 
     async def ensure_all(self, f: OpenFile, indexes: list[int], priority: Priority,
-                         on_chunk: "callable | None" = None) -> int:
+                         on_chunk: Callable[[int, bool], None] | None = None) -> int:
         """Ensure every chunk in ``indexes`` with enough in flight to fill every slot.
 
         Returns how many came back uncached (cache full or failing).

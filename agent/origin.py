@@ -262,7 +262,13 @@ class Origin:
         """Fail fast at start if the root's bucket is missing or credentials are refused."""
         quick = RetryPolicy(attempts=min(3, self.policy.attempts),
                             base_delay_s=self.policy.base_delay_s, max_delay_s=1.0)
-        await self._call("check", self.root, self._info, self.root, policy=quick)
+        try:
+            await self._call("check", self.root, self._info, self.root, policy=quick)
+        except BucketNotFound:
+            raise
+        except ObjectNotFound:
+            # The bucket is there, the prefix is empty: fine for a fresh deployment.
+            log.warning("nothing under the origin prefix yet", extra={"origin": self.root})
 
     async def _info(self, uri: str) -> dict[str, Any]:
         if self.is_s3:

@@ -114,3 +114,10 @@ def test_second_agent_on_same_socket_or_cache_is_refused(bucket, make_agent, tmp
     r = run("agent", "--origin", f"s3://{bucket}", "--cache-dir", str(first.cache_dir),
             "--socket", str(tmp_path / "b.sock"), "--metrics-address", "127.0.0.1:0", env=agent_env)
     assert r.returncode == 1 and "in use by another agent" in last_line(r)
+
+
+def test_empty_origin_prefix_is_fine_at_start(bucket, make_agent):
+    """A fresh deployment: the bucket exists, nothing is under the prefix yet."""
+    agent = make_agent(f"s3://{bucket}/models-to-come")
+    assert agent.client.health()["ready"] is True
+    assert "nothing under the origin prefix yet" in agent.log()
