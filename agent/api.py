@@ -201,6 +201,13 @@ class ControlAPI:
         if job is None:
             raise ObjectNotFound(f"no prewarm job {request.match_info['id']!r} (finished jobs "
                                  "are kept for a while, then forgotten)")
+        wait_s = min(float(request.query.get("wait_s", 0)), 30.0)
+        if wait_s > 0 and job.finished is None:
+            # Long poll: answer at once when the job ends, else after wait_s with progress.
+            try:
+                await asyncio.wait_for(self.jobs.wait(job), wait_s)
+            except asyncio.TimeoutError:
+                pass
         return web.json_response(job.to_json())
 
     # --- status, ls, evict --------------------------------------------------------------
@@ -299,6 +306,7 @@ class ControlAPI:
         self.leases.expire()
         return web.json_response({"uri": f.info.uri, "etag": f.info.etag, "size": size,
                                   "chunk_size": f.entry.chunk_size, "lease": lease.id,
+                                  "cached_bytes": f.entry.cached_bytes,
                                   "chunks": chunks})
 
     async def release(self, request: web.Request) -> web.Response:

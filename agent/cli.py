@@ -15,7 +15,6 @@ config, 3 when no agent is running, 1 for everything else.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
@@ -107,6 +106,7 @@ def _fail(e: BaseException) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    import asyncio
     import os
 
     from .daemon import run_agent
@@ -154,8 +154,7 @@ def _follow(client: AgentClient, job: dict[str, Any], show_bar: bool) -> dict[st
                            desc=f"prewarm {job['files']} file(s)", file=sys.stderr, dynamic_ncols=True)
             if bar is not None:
                 bar.update(job["bytes_done"] - bar.n)
-            time.sleep(0.2)
-            job = client.job(job["id"])
+            job = client.job(job["id"], wait_s=0.25)
         if bar is not None:
             bar.update(job["bytes_done"] - bar.n)
     finally:

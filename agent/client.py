@@ -103,8 +103,10 @@ class AgentClient:
     def prewarm(self, uris: list[str]) -> dict[str, Any]:
         return self.request("POST", "/v1/prewarm", {"uris": uris})
 
-    def job(self, job_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/jobs/{job_id}")
+    def job(self, job_id: str, wait_s: float = 0.0) -> dict[str, Any]:
+        """A prewarm job's progress; with ``wait_s``, answered early when the job ends."""
+        return self.request("GET", f"/v1/jobs/{job_id}", query={"wait_s": wait_s or None},
+                            timeout=self.timeout_s + wait_s)
 
     def status(self, uri: str | None = None) -> dict[str, Any]:
         return self.request("GET", "/v1/status", query={"uri": uri}, timeout=None)
@@ -199,9 +201,10 @@ class AgentClient:
         try:
             with open(tmp, "wb") as out:
                 done = 0
+                # All cached already: one round trip. Else windows, so copying starts early.
+                step = size if first["cached_bytes"] == size else _WINDOW_BYTES
                 while done < size:
-                    window = self.ensure(lease=lease, offset=done,
-                                         length=min(_WINDOW_BYTES, size - done))
+                    window = self.ensure(lease=lease, offset=done, length=min(step, size - done))
                     copier.check_version(window)
                     for chunk in window["chunks"]:
                         copier.copy_chunk(chunk, out)

@@ -128,6 +128,17 @@ def _optional_str(text: Any) -> str | None:
     return str(text) if text not in (None, "") else None
 
 
+def _optional_path(text: Any) -> Path | None:
+    return Path(str(text)) if text not in (None, "") else None
+
+
+def parse_globs(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``'*.safetensors,*.bin'`` → ('*.safetensors', '*.bin'); ``''`` or ``'none'`` → ()."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    globs = tuple(str(g).strip() for g in items if str(g).strip())
+    return () if globs in ((), ("none",)) else globs
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -173,6 +184,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("read_timeout_s", _positive(float), 30.0, "origin read timeout (no byte for this long)"),
     Setting("check_origin", parse_bool, True,
             "at start, fail fast if the origin bucket is missing or credentials are refused"),
+    Setting("mount", _optional_path, None,
+            "mount a read-only FUSE view of the origin at this directory (unset: no mount)"),
+    Setting("fuse_read_timeout_s", _positive(float), 60.0,
+            "longest a read through the mount waits for its bytes before failing with EIO"),
+    Setting("fuse_prefetch", parse_globs, ("*.safetensors", "*.bin"),
+            "file name patterns fetched whole, in order, ahead of the reader when opened through "
+            "the mount (comma-separated globs; 'none' for none)"),
+    Setting("fuse_metadata_ttl_s", _positive(float), 2.0,
+            "how long the mount trusts a directory listing or file attributes before asking the origin again"),
+    Setting("fuse_allow_other", parse_bool, True,
+            "let users other than the agent's read the mount (needs root or user_allow_other)"),
+    Setting("fuse_readahead", parse_size, 4 * MiB,
+            "kernel read-ahead for the mount (1 MiB FUSE requests need >= 1MiB)"),
     Setting("log_format", lambda s: _choice(s, ("json", "text")), "json", "json or text"),
     Setting("log_level", lambda s: _choice(str(s).upper(), ("DEBUG", "INFO", "WARNING", "ERROR")),
             "INFO", "DEBUG, INFO, WARNING or ERROR"),
@@ -207,6 +231,12 @@ class AgentConfig:
     connect_timeout_s: float
     read_timeout_s: float
     check_origin: bool
+    mount: Path | None
+    fuse_read_timeout_s: float
+    fuse_prefetch: tuple[str, ...]
+    fuse_metadata_ttl_s: float
+    fuse_allow_other: bool
+    fuse_readahead: int
     log_format: str
     log_level: str
 

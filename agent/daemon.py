@@ -68,6 +68,7 @@ class Agent:
         self.fetcher: Fetcher | None = None
         self.jobs: Jobs | None = None
         self.api: ControlAPI | None = None
+        self.mount: Any = None  # coldbrew.fuse.mount.Mount when --mount is set
         self.metrics_address = ""
 
     async def start(self) -> None:
@@ -85,13 +86,17 @@ class Agent:
         if cfg.check_origin:
             await self.origin.check()
         self.fetcher = Fetcher(self.origin, self.store, self.metrics, cfg.fetch_concurrency)
+        await asyncio.to_thread(self.fetcher.slots.preallocate)
         self.jobs = Jobs(self.fetcher, self.metrics)
         self.api = ControlAPI(self.fetcher, self.jobs, self.metrics, facts={})
         await self._serve_metrics()
+        if cfg.mount is not None:
+            await self._mount()
         await self._serve_control()
         self.api.facts.update({
             "origin": self.origin.root, "cache_dir": str(cfg.cache_dir), "socket": str(cfg.socket),
-            "metrics_address": self.metrics_address, "chunk_size": cfg.chunk_size, "pid": os.getpid()})
+            "metrics_address": self.metrics_address, "chunk_size": cfg.chunk_size, "pid": os.getpid(),
+            "mount": str(cfg.mount) if cfg.mount is not None else None})
         self._tasks.append(asyncio.create_task(self._sweep_leases()))
         self.api.ready = True
         self.metrics.ready.set(1)
@@ -110,6 +115,22 @@ class Agent:
         self._runners.append(runner)
         bound = runner.addresses[0]
         self.metrics_address = f"{bound[0]}:{bound[1]}"
+
+    async def _mount(self) -> None:
+        """Mount the read-only FUSE view (imported here: the agent runs without FUSE otherwise)."""
+        from ..fuse.metrics import FuseMetrics
+        from ..fuse.mount import Mount
+        from ..fuse.view import View, ViewSettings
+
+        cfg = self.config
+        assert self.fetcher is not None and cfg.mount is not None
+        fuse_metrics = FuseMetrics(self.metrics.registry)
+        view = View(self.fetcher, asyncio.get_running_loop(), ViewSettings(
+            read_timeout_s=cfg.fuse_read_timeout_s, prefetch=cfg.fuse_prefetch,
+            metadata_ttl_s=cfg.fuse_metadata_ttl_s), fuse_metrics)
+        self.mount = Mount(view, cfg.mount, fuse_metrics, allow_other=cfg.fuse_allow_other,
+                           readahead_bytes=cfg.fuse_readahead, metadata_ttl_s=cfg.fuse_metadata_ttl_s)
+        await asyncio.to_thread(self.mount.start)
 
     async def _serve_control(self) -> None:
         assert self.api is not None
@@ -132,6 +153,8 @@ class Agent:
         if self.api:
             self.api.ready = False
         self.metrics.ready.set(0)
+        if self.mount is not None:  # first: no new opens; reads in flight still reach the fetcher
+            await asyncio.to_thread(self.mount.stop)
         for task in self._tasks:
             task.cancel()
         for runner in reversed(self._runners):

@@ -21,7 +21,7 @@ from typing import Callable
 
 from .errors import CacheError, CorruptData, ObjectChanged
 from .metrics import AgentMetrics
-from .origin import ObjectInfo, Origin
+from .origin import ObjectInfo, Origin, finish_in_thread
 from .slots import Slots, Waiter
 from .store import ChunkStore, Entry
 
@@ -139,7 +139,7 @@ class Fetcher:
 
     async def _store(self, f: OpenFile, index: int, view: memoryview) -> bytes | None:
         try:
-            await asyncio.to_thread(self.store.write_chunk, f.entry, index, view)
+            await finish_in_thread(asyncio.to_thread(self.store.write_chunk, f.entry, index, view))
             return None
         except CorruptData:
             # Same ETag, different bytes than we verified before: the origin broke its

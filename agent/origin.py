@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,10 @@ def _is_short_body(exc: BaseException) -> bool:
     import aiohttp
     import botocore.exceptions as bex
 
-    short = (aiohttp.ClientPayloadError, bex.IncompleteReadError, bex.ResponseStreamingError)
+    import urllib3.exceptions as u3
+
+    short = (aiohttp.ClientPayloadError, bex.IncompleteReadError, bex.ResponseStreamingError,
+             u3.ProtocolError, u3.IncompleteRead)
     while exc is not None:
         if isinstance(exc, short):
             return True
@@ -88,7 +92,9 @@ def _is_network_error(exc: BaseException) -> bool:
     import aiohttp
     import botocore.exceptions as bex
 
-    network = (ConnectionError, TimeoutError, asyncio.TimeoutError, aiohttp.ClientError,
+    import urllib3.exceptions as u3
+
+    network = (ConnectionError, TimeoutError, asyncio.TimeoutError, aiohttp.ClientError, u3.HTTPError,
                bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ReadTimeoutError,
                bex.ConnectTimeoutError, bex.ResponseStreamingError, bex.IncompleteReadError,
                bex.HTTPClientError)
@@ -131,6 +137,19 @@ def translate(exc: BaseException, uri: str, endpoint: str | None = None) -> Cold
     return OriginError(f"{uri}: {type(exc).__name__}: {exc}")
 
 
+async def finish_in_thread(future: "asyncio.Future[Any]") -> Any:
+    """Await a worker thread's result; if cancelled, still wait for the thread to stop.
+
+    The thread writes into (or reads from) a buffer that goes back to the pool
+    as soon as we return: letting it run on would scribble over the next chunk.
+    """
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
 def _bucket_of(uri: str) -> str:
     return uri.split("://", 1)[-1].split("/", 1)[0]
 
@@ -169,6 +188,13 @@ class Origin:
         self.metrics = metrics
         self.fs = self._make_fs(config)
         self.is_s3 = self.protocol in ("s3", "s3a")
+        if self.is_s3:
+            from .s3data import S3RangeReader
+
+            self._data = S3RangeReader(config)
+            # One thread per GET in flight; the default executor (cores + 4) would cap them.
+            self._data_pool = ThreadPoolExecutor(max(4, config.fetch_concurrency * 2),
+                                                 thread_name_prefix="s3-get")
 
     def _make_fs(self, config: OriginSettings) -> fsspec.AbstractFileSystem:
         if self.protocol not in ("s3", "s3a"):
@@ -196,6 +222,9 @@ class Origin:
         return fs
 
     async def close(self) -> None:
+        if self.is_s3:
+            self._data_pool.shutdown(wait=False, cancel_futures=True)
+            self._data.close()
         if self.is_s3 and getattr(self.fs, "_s3", None) is not None:
             await self.fs._s3.close()  # noqa: SLF001 - s3fs has no public async close
 
@@ -313,16 +342,12 @@ class Origin:
 
     async def _read_s3(self, obj: ObjectInfo, start: int, buf: memoryview) -> None:
         bucket, key, _ = self.fs.split_path(self._path(obj.uri))
-        resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key,
-                                      Range=f"bytes={start}-{start + len(buf) - 1}", IfMatch=obj.etag)
-        body = resp["Body"]
-        try:
-            if resp.get("ETag") and resp["ETag"] != obj.etag:
-                raise ObjectChanged(f"{obj.uri} changed at the origin (ETag {obj.etag} → "
-                                    f"{resp['ETag']}); open it again to read the new version")
-            filled = await _drain(body.raw_stream.content, buf)
-        finally:
-            body.close()
+        loop = asyncio.get_running_loop()
+        filled, etag = await finish_in_thread(loop.run_in_executor(
+            self._data_pool, self._data.read_into, bucket, key, start, buf, obj.etag))
+        if etag != obj.etag:
+            raise ObjectChanged(f"{obj.uri} changed at the origin (ETag {obj.etag} → "
+                                f"{etag}); open it again to read the new version")
         if filled < len(buf):
             raise TransientOriginError(f"{obj.uri}: short body, {filled} of {len(buf)} bytes "
                                        f"from offset {start}", reason="short_body")
@@ -370,20 +395,3 @@ class Origin:
         if self.metrics:
             self.metrics.origin_requests.labels(op, outcome).inc()
 
-
-async def _drain(stream: Any, buf: memoryview) -> int:
-    """Copy an aiohttp body into ``buf`` as it arrives; returns the bytes copied.
-
-    ``readany`` hands over whatever the socket delivered without joining pieces,
-    so each byte is copied once, into a buffer we reuse chunk after chunk.
-    """
-    filled = 0
-    want = len(buf)
-    while filled < want:
-        piece = await stream.readany()
-        if not piece:
-            break
-        take = min(len(piece), want - filled)
-        buf[filled:filled + take] = memoryview(piece)[:take]
-        filled += take
-    return filled

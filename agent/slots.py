@@ -21,6 +21,14 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 
+def _new_buffer(size: int) -> bytearray:
+    buf = bytearray(size)
+    # bytearray(n) is calloc'd: its pages are not really ours until written once.
+    for offset in range(0, size, 4096):
+        buf[offset] = 1
+    return buf
+
+
 class Waiter:
     def __init__(self, priority: int, future: asyncio.Future[bytearray]) -> None:
         self.priority = priority
@@ -51,8 +59,18 @@ class Slots:
             return self._free.pop()
         if self._allocated < self.count:
             self._allocated += 1
-            return bytearray(self.buffer_bytes)
+            return _new_buffer(self.buffer_bytes)
         return None
+
+    def preallocate(self) -> None:
+        """Allocate and touch every buffer now (call from a thread at start-up).
+
+        First touch of fresh memory runs at ~0.3 GB/s on these VMs; paying it at
+        start keeps it off the first prewarm and off the event loop.
+        """
+        while self._allocated < self.count:
+            self._allocated += 1
+            self._free.append(_new_buffer(self.buffer_bytes))
 
     def _grant_next(self) -> None:
         while self._heap:

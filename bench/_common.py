@@ -16,8 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Self
 
 from coldbrew.agent.config import format_size  # noqa: F401 - re-exported for the benchmarks
 
@@ -147,7 +148,7 @@ class RssSampler:
             self.samples += 1
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -174,7 +175,7 @@ def timed_run(cmd: Sequence[str], env: Mapping[str, str] | None = None, timeout_
               ) -> tuple[float, subprocess.CompletedProcess[str]]:
     """Run a command to completion; wall seconds from spawn to exit. Raises on failure."""
     started = time.perf_counter()
-    result = subprocess.run(list(cmd), env=dict(env) if env is not None else None,
+    result = subprocess.run(list(cmd), env=dict(env) if env is not None else None, check=False,
                             capture_output=True, text=True, timeout=timeout_s)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
@@ -213,7 +214,7 @@ class AgentProc:
     def cli_env(self) -> dict[str, str]:
         return {**os.environ, **self.env, "COLDBREW_SOCKET": str(self.socket)}
 
-    def start(self, timeout_s: float = 60.0) -> "AgentProc":
+    def start(self, timeout_s: float = 60.0) -> AgentProc:
         from coldbrew.agent.client import AgentClient
         from coldbrew.agent.errors import AgentUnavailable
 

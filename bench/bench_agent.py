@@ -10,6 +10,8 @@ landed:
                   reused, pre-touched buffers and discarded ("download into memory"):
                   the transport ceiling. Two clients: boto3 in threads and aiobotocore;
                   the faster median is the ceiling.
+  (b+disk)        informational, no bar: (b) with boto3, each range also written to its
+                  own file (as the cache stores chunks) — a plain download that lands on disk.
   (c) prewarm     ``coldbrew prewarm URI --wait`` against a fresh agent (fresh cache dir,
                   started before the clock): CLI wall time, and the job's own elapsed_s.
                   Peak agent RSS is sampled (VmRSS every 50 ms) during it.
@@ -26,8 +28,11 @@ a 4 GiB object < 1 GiB. Bars are marked PASS/FAIL; the exit status is 0 regardle
     python bench/bench_agent.py --size 1GiB --runs 3 --json /tmp/bench.json
     python bench/bench_agent.py --size 1GiB --runs 3 --rss-size 4GiB   # needs ~12 GB free RAM
 
-Run as root to let it drop the page cache between contenders (``--no-drop-caches``
-otherwise). Everything listens on 127.0.0.1 only; the S3 server, agents and temp
+Fairness: contenders are interleaved (a, b, b+disk, c, d in every run); before each
+cold one the page cache is dropped (root only; ``--no-drop-caches`` otherwise) and the
+S3 server's data files are read back in, so the origin is equally warm for all; right
+before every clock a model-size scratch file is written and deleted (``--no-prefault``
+to skip), because on these VMs page-cache writes into long-free memory run ~4x slower. Everything listens on 127.0.0.1 only; the S3 server, agents and temp
 files are removed at exit, also on Ctrl-C.
 """
 
@@ -46,13 +51,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
+import _common as C
 
 BUCKET = "coldbrew-bench"
 WARM_KEY = "bench/warmup.bin"  # a small object every client HEADs before its clock starts
@@ -140,6 +146,7 @@ def worker_boto3(spec: dict[str, Any]) -> dict[str, Any]:
     bufs = _touched_buffers(conc, chunk)
     lock = threading.Lock()
     mode = spec["boto3_read"]
+    write_dir = Path(spec["write_dir"]) if spec.get("write_dir") else None
     pool = ThreadPoolExecutor(conc)
     prefault_s = _prefault(spec)
 
@@ -160,6 +167,14 @@ def worker_boto3(spec: dict[str, Any]) -> dict[str, Any]:
             got = _read_body_boto3(resp["Body"], view[: end - start], mode)
             if got != end - start:
                 raise RuntimeError(f"short body at {start}: {got} of {end - start}")
+            if write_dir is not None:  # (b+disk): each range to its own file, like the cache's chunks
+                fd = os.open(write_dir / f"{start // chunk:08d}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    done = 0
+                    while done < got:
+                        done += os.write(fd, view[done:got])
+                finally:
+                    os.close(fd)
             total += got
     total = sum(pool.map(work, range(conc)))
     seconds = time.perf_counter() - t0
@@ -356,7 +371,7 @@ class Bench:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
         weed0 = C.proc_cpu_s(self.s3.proc.pid)
         result = subprocess.run(cmd, env={**os.environ, **self.s3_env}, capture_output=True,
-                                text=True, timeout=self.timeout_s)
+                                text=True, timeout=self.timeout_s, check=False)
         weed1 = C.proc_cpu_s(self.s3.proc.pid)
         if result.returncode != 0:
             raise RuntimeError(f"worker {spec['kind']} failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -382,6 +397,16 @@ class Bench:
     def contender_b(self, transport: str) -> dict[str, Any]:
         self.prepare_cold()
         return self.run_worker(self.spec(transport))
+
+    def contender_b_disk(self) -> dict[str, Any]:
+        """(b) plus each range written to its own file: a plain download that lands on disk."""
+        self.prepare_cold()
+        write_dir = self.dest_dir / "b-disk"
+        write_dir.mkdir()
+        try:
+            return self.run_worker(self.spec("boto3", write_dir=str(write_dir)))
+        finally:
+            shutil.rmtree(write_dir, ignore_errors=True)
 
     def start_agent(self, name: str) -> C.AgentProc:
         agent = C.AgentProc(self.workdir, f"s3://{BUCKET}", self.s3_env, name, extra_args=[
@@ -462,6 +487,9 @@ class Bench:
             for t in transports:
                 self.log(f"run {r + 1}/{self.args.runs}: (b) ranged GETs [{t}]")
                 rec[f"b_{t}"] = self.contender_b(t)
+            if self.args.disk_reference:
+                self.log(f"run {r + 1}/{self.args.runs}: (b+disk) ranged GETs [boto3] written to files")
+                rec["b_disk"] = self.contender_b_disk()
             self.log(f"run {r + 1}/{self.args.runs}: (c) coldbrew prewarm --wait, fresh agent")
             agent = self.start_agent(f"agent-run{r + 1}")
             try:
@@ -498,8 +526,8 @@ class Bench:
         self.rss_check = out
         try:
             self.s3.client().delete_object(Bucket=BUCKET, Key=key)
-        except Exception:  # noqa: BLE001 - best effort, the server is going away
-            pass
+        except Exception as e:  # noqa: BLE001 - best effort, the server is going away
+            self.log(f"  could not delete {key}: {e}")
 
     def close(self) -> None:
         for agent in self.agents:
@@ -526,7 +554,7 @@ class Bench:
     def report(self) -> dict[str, Any]:
         series = self.series()
         med = {k: C.median(v) for k, v in series.items()}
-        transports = [k for k in med if k.startswith("b_")]
+        transports = [f"b_{t}" for t in TRANSPORTS if f"b_{t}" in med]
         best_b = min(transports, key=lambda k: med[k]) if transports else None
         tb = med.get(best_b) if best_b else None
         ta, tc, tcj = med.get("a"), med.get("c_cli"), med.get("c_job")
@@ -563,6 +591,7 @@ class Bench:
             "a": "(a) s3fs S3FileSystem.get -> local file",
             "b_boto3": f"(b) ranged GETs, boto3 threads [{self.args.boto3_read}], into memory",
             "b_aiobotocore": "(b) ranged GETs, aiobotocore tasks, into memory",
+            "b_disk": "(b+disk) as (b)/boto3, each range to a file [info]",
             "c_cli": "(c) coldbrew prewarm --wait (CLI wall time)",
             "c_job": "(c) coldbrew prewarm: job elapsed_s",
             "d_get": "(d) coldbrew get, warm cache (CLI wall)",
@@ -582,7 +611,7 @@ class Bench:
         if cpu:
             print("CPU seconds per run (median): " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
             print()
-        pf = lambda ok: "n/a " if ok is None else ("PASS" if ok else "FAIL")  # noqa: E731
+        pf = lambda ok: "n/a " if ok is None else ("PASS" if ok else "FAIL")
         b = bars["c_over_b"]
         print("bars:")
         print(f"  {pf(b['pass'])}  (c)/(b) throughput = {C.fmt(b['value'])} (bar >= 0.9; CLI wall time vs "
@@ -597,8 +626,10 @@ class Bench:
             rc = self.rss_check
             print(f"  {pf(b['pass'])}  peak agent RSS prewarming {C.format_size(rc['size'])}: "
                   f"{rc['peak_rss_kib'] / 1024:.0f} MiB (VmHWM {rc['vm_hwm_kib'] / 1024:.0f} MiB; bar < 1 GiB); "
-                  f"{C.format_size(size)} runs: {main_rss}; that prewarm took {rc['seconds']:.2f} s "
-                  f"({C.fmt(C.mbps(rc['size'], rc['seconds']), '.0f')} MB/s, job {rc['job_elapsed_s']:.2f} s)")
+                  f"{C.format_size(size)} runs: {main_rss}")
+            print(f"        (that prewarm took {rc['seconds']:.2f} s, {C.fmt(C.mbps(rc['size'], rc['seconds']), '.0f')} MB/s, "
+                  f"job {rc['job_elapsed_s']:.2f} s: not a speed figure — no page-cache drop or prefault "
+                  "for it, so its cache writes land on cold memory)")
         else:
             print(f"  n/a   peak agent RSS during (c) at {C.format_size(size)}: {main_rss} — the 4 GiB bar was "
                   "not checked; pass --rss-size 4GiB (off by default: the S3 server needs ~2 GB RAM per GiB stored)")
@@ -621,18 +652,20 @@ class Bench:
         else:
             parts.append("no prefault (--no-prefault)")
         if self.drop:
-            parts.append("page cache dropped before each cold contender (a, b, c), then the S3 server's "
-                         "data files re-read so the origin is equally warm for all three")
+            parts.append("page cache dropped before each cold contender (a, b, b+disk, c), then the S3 "
+                         "server's data files re-read so the origin is equally warm for all of them")
         else:
             parts.append("page cache not dropped (sync only)")
-        parts.append("order per run: a, b, c, d (d alternates get/cp first); "
+        transports = TRANSPORTS if self.args.transport == "both" else (self.args.transport,)
+        order = ["a", *(f"b[{t}]" for t in transports), *(["b+disk"] if self.args.disk_reference else []), "c", "d"]
+        parts.append(f"order per run: {', '.join(order)} (d alternates get/cp first); "
                      "warm (d): cache chunk files and cp source each read once before timing")
         return "; ".join(parts)
 
     def cpu_summary(self) -> dict[str, float]:
         out: dict[str, list[float]] = {}
         for rec in self.runs:
-            for k in ("a", *[f"b_{t}" for t in TRANSPORTS]):
+            for k in ("a", *[f"b_{t}" for t in TRANSPORTS], "b_disk"):
                 if k in rec:
                     out.setdefault(f"{k} client", []).append(rec[k]["cpu_s"])
                     if rec[k].get("server_cpu_s_whole_process") is not None:
@@ -662,6 +695,8 @@ def _flat_seconds(rec: dict[str, Any]) -> dict[str, float]:
     for t in TRANSPORTS:
         if f"b_{t}" in rec:
             out[f"b_{t}"] = rec[f"b_{t}"]["seconds"]
+    if "b_disk" in rec:
+        out["b_disk"] = rec["b_disk"]["seconds"]
     if "c" in rec:
         out["c_cli"] = rec["c"]["seconds"]
         out["c_job"] = rec["c"]["job_elapsed_s"]
@@ -714,6 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boto3-read", choices=("fp", "readinto", "read"), default="fp",
                    help="how (b)/boto3 reads a body: fp = http.client readinto straight into the buffer "
                         "(default), readinto = urllib3 readinto, read = StreamingBody.read + copy")
+    p.add_argument("--no-disk-reference", dest="disk_reference", action="store_false", default=True,
+                   help="skip (b+disk), the informational plain download that writes each range to a file")
     p.add_argument("--no-drop-caches", dest="drop_caches", action="store_false", default=None,
                    help="do not drop the page cache before cold contenders (default: drop when root)")
     p.add_argument("--no-prefault", dest="prefault", action="store_false", default=True,
@@ -741,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.drop_caches and not C.can_drop_caches():
         print("cannot write /proc/sys/vm/drop_caches (run as root, or pass --no-drop-caches)", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
     full_argv = [sys.executable, *sys.argv]
@@ -759,7 +797,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nbenchmark failed: {type(e).__name__}: {e}", file=sys.stderr)
         status = 1
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         bench.close()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if not bench.runs:
         return status
     rep = bench.report()

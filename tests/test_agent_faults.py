@@ -19,7 +19,7 @@ from support.data import put_random
 from support.faultproxy import Fault
 
 MiB = 1 << 20
-FAST_RETRIES = ["--retry-base-delay-s", "0.01", "--retry-max-delay-s", "0.05", "--retry-attempts", "12"]
+FAST_RETRIES = ["--retry-base-delay-s", "0.01", "--retry-max-delay-s", "0.05", "--retry-attempts", "20"]
 
 
 def _read(client, uri, offset, length, lease=None):

@@ -1,0 +1,63 @@
+"""The S3 data plane: ranged GETs in worker threads, read straight into the caller's buffer.
+
+Measured here (1 GiB, 8 × 16 MiB ranges, loopback): botocore in threads reading
+with ``readinto`` moves bytes socket → our reused chunk buffer with no
+intermediate copy and the GIL released while it waits, at ~0.8 CPU-s/GiB;
+the same GETs through s3fs/aiobotocore cost ~1.5 CPU-s/GiB in the agent (aiohttp
+hands over ``bytes`` pieces that must then be copied into the buffer, all on the
+one event-loop thread). On a 2-core node shared with the S3 server that CPU is
+the throughput. So object *bytes* come through here, while metadata (HEAD,
+LIST) stays on s3fs (:mod:`coldbrew.agent.origin`), which owns error
+translation and retries for both.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from .config import OriginSettings
+
+
+class S3RangeReader:
+    """Blocking ``GET bucket/key Range`` into a memoryview. Thread-safe (one client, pooled)."""
+
+    def __init__(self, settings: OriginSettings) -> None:
+        import botocore.session
+        from botocore import UNSIGNED
+        from botocore.config import Config
+
+        config = Config(
+            # Retries are the origin's (counted, jittered, If-Match aware): none in here.
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=settings.connect_timeout_s,
+            read_timeout=settings.read_timeout_s,
+            max_pool_connections=max(16, 2 * settings.fetch_concurrency),
+            signature_version=UNSIGNED if settings.anonymous else None,
+        )
+        session = botocore.session.get_session()
+        self._client = session.create_client("s3", endpoint_url=settings.endpoint_url,
+                                             region_name=settings.region, config=config)
+        self._lock = threading.Lock()
+
+    def read_into(self, bucket: str, key: str, start: int, buf: memoryview, etag: str) -> tuple[int, str]:
+        """Fill ``buf`` from offset ``start``; returns (bytes read, ETag answered).
+
+        Fewer bytes than ``len(buf)`` means the body was cut short; the caller decides.
+        """
+        resp: dict[str, Any] = self._client.get_object(
+            Bucket=bucket, Key=key, Range=f"bytes={start}-{start + len(buf) - 1}", IfMatch=etag)
+        raw = resp["Body"]._raw_stream  # urllib3 response: readinto goes to the socket directly
+        filled = 0
+        try:
+            while filled < len(buf):
+                n = raw.readinto(buf[filled:])
+                if not n:
+                    break
+                filled += n
+        finally:
+            resp["Body"].close()
+        return filled, resp.get("ETag", etag)
+
+    def close(self) -> None:
+        self._client.close()
