@@ -1,0 +1,531 @@
+"""Byte sources: where a load's bytes come from, behind one small interface.
+
+A source is opened on one file version (an identity: URI, ETag, size), hands
+the engine that file's header bytes, and then fills byte ranges into
+destination memory: ``await source.fill(begin, end, views)`` writes file bytes
+``[begin, end)`` into ``views`` — ``(file offset, memoryview)`` pairs, sorted,
+disjoint, inside the range; bytes between views are not wanted. The engine
+never sees HTTP, chunk files or digests. The sources:
+
+* :class:`LocalFileSource` — a local path (a FUSE mount path is one too):
+  ``preadv`` straight into the destination, one syscall per range.
+* :class:`CacheFileSource` — a committed write-through entry: ``preadv`` like a
+  local file, then every block checked against its xxh3-128 digest; a bad block
+  is read from the origin instead and the entry is dropped.
+* :class:`AgentSource` — the node agent: ``ensure`` makes chunks present, the
+  chunk files are read with ``preadv`` and verified against the agent's digests
+  (a bad one is reported, re-ensured, then streamed); chunks the agent could not
+  cache (cache full) are streamed over the socket.
+* :class:`OriginSource` — S3 or any fsspec URL through the agent's
+  :class:`~coldbrew.agent.origin.Origin` (retries, backoff, If-Match pinned to
+  the ETag): large views are filled by their own ranged GET straight into the
+  destination memory; runs of small ones share one GET through a scratch buffer.
+
+Every range a source reads lies in one block of ``span_bytes`` (the engine
+plans on that grid), which is what lets the verified sources check whole
+blocks without reading anything twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat as stat_mod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from coldbrew.agent.errors import (
+    AgentUnavailable,
+    CorruptData,
+    HeaderError,
+    ObjectChanged,
+    ObjectNotFound,
+)
+from coldbrew.agent.manifest import FileIdentity
+from coldbrew.loader.header import HEADER_PREFIX_BYTES, SafetensorsHeader, header_length, parse_prefix
+
+log = logging.getLogger("coldbrew.loader")
+
+#: One (file offset, destination bytes) pair of a fill.
+View = tuple[int, memoryview]
+
+DEFAULT_SPAN_BYTES = 16 << 20
+#: First ranged GET of a remote file: enough for the header of any usual model shard.
+HEADER_PROBE_BYTES = 1 << 20
+#: An origin view at least this large gets its own GET, straight into the destination.
+DIRECT_GET_MIN_BYTES = 1 << 20
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+
+
+# --- shared helpers --------------------------------------------------------------------
+
+
+def cover(begin: int, end: int, views: Sequence[View]) -> list[memoryview]:
+    """Buffers covering ``[begin, end)`` in order: the views, and scratch for the gaps."""
+    gaps = []
+    cursor = begin
+    for offset, v in views:
+        if offset > cursor:
+            gaps.append((cursor, offset))
+        cursor = offset + len(v)
+    if cursor < end:
+        gaps.append((cursor, end))
+    scratch = memoryview(bytearray(sum(e - b for b, e in gaps))) if gaps else None
+    out: list[memoryview] = []
+    used = 0
+    cursor = begin
+    for offset, v in views:
+        if offset > cursor:
+            out.append(scratch[used:used + offset - cursor])  # type: ignore[index]
+            used += offset - cursor
+        out.append(v)
+        cursor = offset + len(v)
+    if cursor < end:
+        out.append(scratch[used:used + end - cursor])  # type: ignore[index]
+    return out
+
+
+def pread_into(fd: int, offset: int, buffers: Sequence[memoryview]) -> int:
+    """``preadv`` until ``buffers`` are full or the file ends; returns bytes read."""
+    bufs = [b for b in buffers if len(b)]
+    done = 0
+    while bufs:
+        n = os.preadv(fd, bufs[:_IOV_MAX], offset + done)
+        if n == 0:
+            return done
+        done += n
+        while bufs and n >= len(bufs[0]):
+            n -= len(bufs[0])
+            bufs.pop(0)
+        if n:
+            bufs[0] = bufs[0][n:]
+    return done
+
+
+def digest_of(buffers: Sequence[memoryview]) -> str:
+    h = xxhash.xxh3_128()
+    for b in buffers:
+        h.update(b)
+    return h.hexdigest()
+
+
+def parse_header_bytes(data: bytes, size: int, source: str) -> SafetensorsHeader:
+    """Parse and validate against the file's size; a truncated file names its first cut tensor."""
+    try:
+        return parse_prefix(data, file_size=size, source=source)
+    except HeaderError as e:
+        try:
+            claimed = parse_prefix(data, file_size=None, source=source)
+        except HeaderError:
+            raise e from None
+        cut = next((t for t in claimed.tensors if t.end > size), None)
+        if cut is None:
+            raise
+        raise HeaderError(
+            f"{source}: truncated: tensor {cut.name!r} needs bytes {cut.begin}-{cut.end} but the "
+            f"file has only {size} bytes (the header says the data ends at {claimed.data_end})"
+        ) from None
+
+
+@dataclass
+class SourceStats:
+    """Bytes read, by where they came from (for the summary line)."""
+
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, n: int) -> None:
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + n
+
+
+class Source:
+    """What the engine needs from a byte source. Subclasses fill in the rest."""
+
+    #: For messages: the URI or path as the caller named it.
+    name: str
+    kind: str
+    identity: FileIdentity
+    header: SafetensorsHeader
+    header_bytes: bytes
+    #: Reads are planned on this grid (the agent's chunk, the cache entry's block).
+    span_bytes: int = DEFAULT_SPAN_BYTES
+    #: When True, a block is read (and verified) whole: plan one read per block.
+    whole_blocks: bool = False
+
+    def __init__(self) -> None:
+        self.stats = SourceStats()
+
+    async def fill(self, begin: int, end: int, views: Sequence[View]) -> None:
+        raise NotImplementedError
+
+    async def start(self, full: bool) -> None:
+        """The load of this file begins (``full``: every tensor is wanted)."""
+
+    async def finish(self) -> None:
+        """All reads done: check the file did not change; release what is held."""
+
+    async def close(self) -> None:
+        """Release what is held, also after a failed load. Idempotent."""
+
+
+# --- local files ---------------------------------------------------------------------
+
+
+class LocalFileSource(Source):
+    """A local file (also a FUSE path): one fd, ``preadv`` into the destination."""
+
+    kind = "local"
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.name = path
+        self.fd = -1
+        self._stat: os.stat_result | None = None
+
+    @classmethod
+    async def open(cls, path: str) -> "LocalFileSource":
+        self = cls(path)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._open)
+        return self
+
+    def _open(self) -> None:
+        try:
+            self.fd = os.open(self.name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self.name}: no such file") from None
+        try:
+            st = os.fstat(self.fd)
+            if not stat_mod.S_ISREG(st.st_mode):
+                raise HeaderError(f"{self.name}: not a regular file")
+            self._stat = st
+            self.identity = FileIdentity(self.name, f"{st.st_ino}-{st.st_mtime_ns}", st.st_size)
+            prefix = self._read(0, min(st.st_size, HEADER_PREFIX_BYTES))
+            n = header_length(prefix, source=self.name)
+            self.header_bytes = prefix + self._read(HEADER_PREFIX_BYTES, min(n, st.st_size - HEADER_PREFIX_BYTES))
+            self.header = parse_header_bytes(self.header_bytes, st.st_size, self.name)
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+
+    def _read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(max(length, 0))
+        n = pread_into(self.fd, offset, [memoryview(buf)])
+        return bytes(buf[:n])
+
+    async def fill(self, begin: int, end: int, views: Sequence[View]) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._fill, begin, end, views)
+        self.stats.add(self.kind, end - begin)
+
+    def _fill(self, begin: int, end: int, views: Sequence[View]) -> None:
+        buffers = cover(begin, end, views)
+        n = pread_into(self.fd, begin, buffers)
+        if n != end - begin:
+            raise ObjectChanged(f"{self.name}: the file ended at byte {begin + n} while reading "
+                                f"bytes {begin}-{end}; it was truncated or replaced during the load")
+
+    async def finish(self) -> None:
+        st = os.fstat(self.fd)
+        assert self._stat is not None
+        if (st.st_size, st.st_mtime_ns) != (self._stat.st_size, self._stat.st_mtime_ns):
+            raise ObjectChanged(f"{self.name} was modified while it was being loaded "
+                                "(size or mtime changed); load it again")
+        await self.close()
+
+    async def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# --- the write-through cache ----------------------------------------------------------
+
+
+class CacheFileSource(LocalFileSource):
+    """A committed write-through entry: a local file whose every block is verified.
+
+    A block that fails its digest is read from ``fallback`` (the origin, pinned
+    to the same ETag) instead, and the entry is dropped when the load ends.
+    """
+
+    kind = "cache"
+    whole_blocks = True
+
+    def __init__(self, entry: Any, cache: Any, fallback: "OriginSource | None", name: str) -> None:
+        super().__init__(str(entry.data_path))
+        self.entry = entry
+        self.cache = cache
+        self.fallback = fallback
+        self.uri = name
+        self.span_bytes = entry.block_bytes
+        self.bad_blocks = 0
+
+    @classmethod
+    async def open_entry(cls, entry: Any, cache: Any, fallback: "OriginSource | None",
+                         name: str) -> "CacheFileSource":
+        self = cls(entry, cache, fallback, name)
+        await asyncio.get_running_loop().run_in_executor(None, self._open)
+        if (self.identity.size != entry.identity.size
+                or xxhash.xxh3_128_hexdigest(self.header_bytes) != entry.header_digest):
+            await self.close()
+            cache.discard(entry)
+            raise CorruptData(f"cache entry {entry.data_path} for {name} failed its header check")
+        self.identity = entry.identity
+        self.name = name  # messages name the URI; the fd stays on the cache file
+        self.header = parse_header_bytes(self.header_bytes, self.identity.size, name)
+        return self
+
+    def _fill(self, begin: int, end: int, views: Sequence[View]) -> None:
+        index = begin // self.entry.block_bytes
+        block_begin, block_end = self.entry.block_range(index)
+        buffers = cover(block_begin, block_end, views)
+        n = pread_into(self.fd, block_begin, buffers)
+        if n != block_end - block_begin or digest_of(buffers) != self.entry.digests[index]:
+            raise CorruptData(f"block {index}")
+
+    async def fill(self, begin: int, end: int, views: Sequence[View]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self._fill, begin, end, views)
+            self.stats.add(self.kind, end - begin)
+            return
+        except CorruptData:
+            self.bad_blocks += 1
+            if self.bad_blocks == 1:
+                log.warning("coldbrew.loader: cached copy of %s failed its digest check at bytes "
+                            "%d-%d; reading from the origin and dropping the entry",
+                            self.uri, begin, end)
+        if self.fallback is None:
+            raise CorruptData(f"{self.uri}: the cached copy {self.entry.data_path} is corrupt at "
+                              f"bytes {begin}-{end} and no origin is available to read instead")
+        await self.fallback.fill(begin, end, views)
+        self.stats.add("origin", end - begin)
+
+    async def finish(self) -> None:
+        await self.close()
+        if self.bad_blocks:
+            self.cache.discard(self.entry)
+
+
+# --- the node agent -------------------------------------------------------------------
+
+
+class AgentSource(Source):
+    """Bytes through the node agent's cache: chunk files, verified, read with ``preadv``."""
+
+    kind = "agent"
+    whole_blocks = True
+
+    def __init__(self, client: Any, uri: str) -> None:
+        super().__init__()
+        self.client = client
+        self.name = uri
+        self.lease: str | None = None
+        self.etag = ""
+        self.size = 0
+        self.corrupt_chunks = 0
+        self.streamed_chunks = 0
+
+    @classmethod
+    async def open(cls, client: Any, uri: str, *, prefetch: bool) -> "AgentSource":
+        self = cls(client, uri)
+        loop = asyncio.get_running_loop()
+        first = await loop.run_in_executor(
+            None, lambda: client.ensure(uri, 0, 0, prefetch=prefetch))
+        self.lease, self.etag, self.size = first["lease"], first["etag"], int(first["size"])
+        self.span_bytes = int(first["chunk_size"])
+        self.identity = FileIdentity(first["uri"], self.etag, self.size)
+        try:
+            data = await self._read_bytes(0, min(self.size, self.span_bytes))
+            n = header_length(data[:HEADER_PREFIX_BYTES], source=uri)
+            need = min(HEADER_PREFIX_BYTES + n, self.size)
+            if need > len(data):
+                data += await self._read_bytes(len(data), need - len(data))
+            self.header_bytes = data[:need]
+            self.header = parse_header_bytes(self.header_bytes, self.size, uri)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def _read_bytes(self, offset: int, length: int) -> bytes:
+        """Small reads (the header): through verified chunk fills, chunk by chunk."""
+        buf = bytearray(max(length, 0))
+        pos = offset
+        while pos < offset + length:
+            chunk_end = min((pos // self.span_bytes + 1) * self.span_bytes, offset + length)
+            await self.fill(pos, chunk_end, [(pos, memoryview(buf)[pos - offset:chunk_end - offset])])
+            pos = chunk_end
+        return bytes(buf)
+
+    async def start(self, full: bool) -> None:
+        if full:  # the agent reads the rest of the file ahead of us, in order
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self.client.ensure(lease=self.lease, offset=0, length=0, prefetch=True))
+
+    async def _ensure(self, offset: int, length: int) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        window = await loop.run_in_executor(
+            None, lambda: self.client.ensure(lease=self.lease, offset=offset, length=length))
+        if window["etag"] != self.etag:
+            raise ObjectChanged(f"{self.name} changed at the origin during the load "
+                                f"(ETag {self.etag} → {window['etag']}); load it again")
+        return window
+
+    async def fill(self, begin: int, end: int, views: Sequence[View]) -> None:
+        loop = asyncio.get_running_loop()
+        index = begin // self.span_bytes
+        chunk_begin = index * self.span_bytes
+        chunk_len = min(self.span_bytes, self.size - chunk_begin)
+        window = await self._ensure(chunk_begin, chunk_len)
+        chunk = window["chunks"][0]
+        if chunk["cached"]:
+            if await loop.run_in_executor(None, _read_chunk, chunk, views):
+                self.stats.add(self.kind, end - begin)
+                return
+            # Failed its digest here: the agent re-checks it, drops and refetches it.
+            self.corrupt_chunks += 1
+            log.warning("coldbrew.loader: agent chunk %d of %s failed its digest check; "
+                        "asking the agent to fetch it again", index, self.name)
+            await loop.run_in_executor(None, self.client.report_corrupt, self.lease, index)
+            chunk = (await self._ensure(chunk_begin, chunk_len))["chunks"][0]
+            if chunk["cached"] and await loop.run_in_executor(None, _read_chunk, chunk, views):
+                self.stats.add(self.kind, end - begin)
+                return
+        # Not cached (the agent's disk is full) or still bad: the agent streams verified bytes.
+        await loop.run_in_executor(None, self._stream, begin, end, views)
+        self.streamed_chunks += 1
+        self.stats.add("agent-stream", end - begin)
+
+    def _stream(self, begin: int, end: int, views: Sequence[View]) -> None:
+        buffers = cover(begin, end, views)
+        pos = 0
+        current = 0
+        for piece in self.client.read(lease=self.lease, offset=begin, length=end - begin):
+            piece = memoryview(piece)
+            while len(piece):
+                target = buffers[current][pos:]
+                take = min(len(target), len(piece))
+                target[:take] = piece[:take]
+                piece = piece[take:]
+                pos += take
+                if pos == len(buffers[current]):
+                    current, pos = current + 1, 0
+        if current < len(buffers):
+            raise ObjectChanged(f"{self.name}: the agent's stream of bytes {begin}-{end} ended early")
+
+    async def finish(self) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self.lease is not None:
+            lease, self.lease = self.lease, None
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.client.release, lease)
+            except (AgentUnavailable, OSError):
+                pass
+
+
+def _read_chunk(chunk: dict[str, Any], views: Sequence[View]) -> bool:
+    """Read a whole agent chunk file into ``views`` (+ scratch) and check its digest."""
+    try:
+        fd = os.open(chunk["path"], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False  # evicted by hand?: the caller falls back to the stream
+    try:
+        begin, length = int(chunk["offset"]), int(chunk["length"])
+        if os.fstat(fd).st_size != length:
+            return False
+        buffers = cover(begin, begin + length, views)
+        if pread_into(fd, 0, buffers) != length:
+            return False
+        return chunk.get("digest") is None or digest_of(buffers) == chunk["digest"]
+    finally:
+        os.close(fd)
+
+
+# --- the origin (no agent) ------------------------------------------------------------
+
+
+def origin_root(uri: str) -> str:
+    """The root an :class:`Origin` is made for: ``s3://bucket``, or ``proto://``."""
+    scheme, _, rest = uri.partition("://")
+    if scheme in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+        return f"{scheme}://{rest.split('/', 1)[0]}"
+    return f"{scheme}://"
+
+
+class OriginSource(Source):
+    """Ranged GETs from the origin, pinned to one ETag, straight into destination memory."""
+
+    kind = "origin"
+
+    def __init__(self, origin: Any, info: Any, concurrency: int) -> None:
+        super().__init__()
+        self.origin = origin
+        self.info = info
+        self.name = info.uri
+        self.identity = info.identity
+        self._gets = asyncio.Semaphore(concurrency)
+        self.requests = 0
+
+    @classmethod
+    async def open(cls, origin: Any, info: Any, concurrency: int) -> "OriginSource":
+        self = cls(origin, info, concurrency)
+        size = info.size
+        probe = bytearray(min(size, HEADER_PROBE_BYTES))
+        await self._read(0, memoryview(probe))
+        n = header_length(bytes(probe[:HEADER_PREFIX_BYTES]), source=self.name)
+        need = min(HEADER_PREFIX_BYTES + n, size)
+        if need > len(probe):
+            rest = bytearray(need - len(probe))
+            await self._read(len(probe), memoryview(rest))
+            probe += rest
+        self.header_bytes = bytes(probe[:need])
+        self.header = parse_header_bytes(self.header_bytes, size, self.name)
+        return self
+
+    async def _read(self, begin: int, view: memoryview) -> None:
+        async with self._gets:
+            self.requests += 1
+            await self.origin.read_into(self.info, begin, view)
+
+    async def fill(self, begin: int, end: int, views: Sequence[View]) -> None:
+        await asyncio.gather(*(self._get(b, e, group) for b, e, group in _group_gets(views)))
+        self.stats.add(self.kind, end - begin)
+
+    async def _get(self, begin: int, end: int, group: Sequence[View]) -> None:
+        if len(group) == 1 and len(group[0][1]) == end - begin:
+            await self._read(begin, group[0][1])
+            return
+        scratch = memoryview(bytearray(end - begin))
+        await self._read(begin, scratch)
+        for offset, v in group:
+            v[:] = scratch[offset - begin:offset - begin + len(v)]
+
+
+def _group_gets(views: Sequence[View]) -> list[tuple[int, int, list[View]]]:
+    """One GET per large view; runs of small views share one."""
+    out: list[tuple[int, int, list[View]]] = []
+    run: list[View] = []
+
+    def flush() -> None:
+        if run:
+            out.append((run[0][0], run[-1][0] + len(run[-1][1]), list(run)))
+            run.clear()
+
+    for offset, v in views:
+        if not len(v):
+            continue
+        if len(v) >= DIRECT_GET_MIN_BYTES:
+            flush()
+            out.append((offset, offset + len(v), [(offset, v)]))
+        else:
+            run.append((offset, v))
+    flush()
+    return out
