@@ -97,7 +97,7 @@ class _Step:
         self.label, self.nbytes = label, nbytes
 
     def __enter__(self) -> "_Step":
-        print(f"  {self.label:<44}", end="", flush=True)
+        print(f"  {self.label:<52}", end="", flush=True)
         self.started = time.perf_counter()
         return self
 
@@ -173,6 +173,7 @@ def run_demo(args: argparse.Namespace) -> int:
             agent.cli("prewarm", uri, "--wait", "--quiet")
         print("\n".join("    " + line for line in agent.cli("status", uri).splitlines()))
         _read_back(agent, shards, workdir, "read back through the node cache (warm)")
+        _load_with_loader(agent, shards, workdir, s3, uri, nbytes)
         with _Step("restart agent (cache survives)"):
             agent.stop()
             agent.start()
@@ -187,6 +188,43 @@ def run_demo(args: argparse.Namespace) -> int:
         s3.stop()
         if not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _load_with_loader(agent: _Agent, shards: list[Path], workdir: Path, s3: LocalS3, uri: str,
+                      nbytes: int) -> None:
+    """The loader's three ways in, each checked tensor by tensor against safetensors."""
+    try:
+        import torch
+        from safetensors.torch import load_file as st_load_file
+
+        from ..loader import load_dir, wait_writeback
+    except ImportError as e:
+        print(f"  (loader steps skipped: {e}; install coldbrew[loader])")
+        return
+    reference: dict[str, Any] = {}
+    for path in shards:
+        reference.update(st_load_file(str(path)))
+
+    def check(state: dict[str, Any]) -> None:
+        if state.keys() != reference.keys() or not all(
+                torch.equal(state[k].view(torch.uint8), reference[k].view(torch.uint8))
+                for k in reference):
+            raise ColdbrewError("the loader returned other tensors than safetensors.load_file")
+
+    os.environ.update(s3.env())  # the no-agent loads talk to S3 themselves
+    cache = workdir / "loader-cache"
+    with _Step("loader: load_dir via the agent (warm node cache)", nbytes):
+        state = load_dir(uri, socket=agent.socket, agent=True)
+    check(state)
+    with _Step("loader: load_dir cold from S3, no agent", nbytes):
+        state = load_dir(uri, agent=False, cache_dir=cache)
+    check(state)
+    with _Step("  ...its write-through to local disk finishes"):
+        wait_writeback()
+    with _Step("loader: load_dir again, no agent (local cache)", nbytes):
+        state = load_dir(uri, agent=False, cache_dir=cache)
+    check(state)
+    del state
 
 
 def _make_model(workdir: Path, total: int) -> list[Path]:
