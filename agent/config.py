@@ -191,8 +191,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fuse_prefetch", parse_globs, ("*.safetensors", "*.bin"),
             "file name patterns fetched whole, in order, ahead of the reader when opened through "
             "the mount (comma-separated globs; 'none' for none)"),
-    Setting("fuse_metadata_ttl_s", _positive(float), 2.0,
-            "how long the mount trusts a directory listing or file attributes before asking the origin again"),
+    Setting("fuse_metadata_ttl_s", _positive(float), 10.0,
+            "how long the mount trusts a directory listing or a file's size and ETag before asking "
+            "the origin again (an open file stays pinned to its ETag regardless)"),
     Setting("fuse_allow_other", parse_bool, True,
             "let users other than the agent's read the mount (needs root or user_allow_other)"),
     Setting("fuse_readahead", parse_size, 4 * MiB,

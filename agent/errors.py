@@ -108,6 +108,13 @@ class ObjectChanged(OriginError):
     errno_code = errno.ESTALE
 
 
+class RequestTimeout(ColdbrewError, TimeoutError):
+    """A request (e.g. a read through the FUSE view) got no answer within its deadline."""
+
+    kind = "timeout"
+    errno_code = errno.EIO
+
+
 # --- cache and integrity -----------------------------------------------------
 
 

@@ -277,6 +277,7 @@ class Origin:
                      "type": "directory" if is_dir else "file", "size": int(item.get("size") or 0)}
             if not is_dir:
                 entry["etag"] = _etag_of(item)
+                entry["mtime"] = _mtime_of(item)
             out.append(entry)
         if not out and self._path(uri).strip("/").count("/") > 0:
             raise ObjectNotFound(f"{uri}: nothing at the origin under this path")

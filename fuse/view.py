@@ -1,0 +1,514 @@
+"""The read-only POSIX view of the origin: a thin mfusepy ``Operations`` adapter over the fetcher.
+
+``/<path>`` on the mount is ``<origin root>/<path>``: directories are listed from the
+origin one level at a time, files are read through the node cache, so a read through
+the mount warms the cache for the next process (and, later, for peers).
+
+Threads. libfuse calls these methods on its own worker threads. Anything that needs
+the agent (a listing, a stat, opening a file, making a chunk present) is a coroutine
+run on the agent's event loop with a deadline (``read_timeout_s``); past it the
+syscall fails with EIO — a reader never hangs on a dead origin. Everything else
+(attributes from the listing cache, bytes of a chunk already on disk) is answered on
+the FUSE thread without touching the loop.
+
+Bytes. A chunk present on disk is mapped (``mmap``, private, never written), checked
+against its digest once, and handed to libfuse as a ctypes view over the mapping, so
+Python copies nothing: libfuse copies the bytes once, into the kernel. The check is
+remembered per chunk file identity (inode, mtime, size): a chunk file replaced or
+touched on disk is checked again, and one that fails is dropped (counted as corrupt)
+and fetched again. Chunks the cache could not store (disk full or failing) come back
+from the fetcher as bytes and are kept per open file, a few at a time.
+
+Page cache. An open file is pinned to one ETag (``Fetcher.open``), so its bytes never
+change: the kernel may keep them across opens (``keep_cache``), and a second read runs
+at page-cache speed. When a path's ETag changes, the next open drops the kernel's
+pages; while two versions of one path are open at once, the newer one bypasses the
+page cache (``direct_io``) so the two can never mix.
+
+Errors come from the agent's one errno table (:func:`coldbrew.agent.errors.errno_for`):
+ENOENT, EACCES, EIO (origin down after retries, or the deadline passed), ESTALE (the
+object changed under an open file and the bytes asked for are not cached). Every
+mutating operation fails with EROFS.
+
+This module does not import mfusepy (the agent runs without it when nothing is
+mounted); :mod:`coldbrew.fuse.mount` hands a :class:`View` to mfusepy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import fnmatch
+import functools
+import itertools
+import logging
+import mmap
+import os
+import stat
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import xxhash
+
+from ..agent.errors import ColdbrewError, ObjectChanged, RequestTimeout, errno_for
+from ..agent.fetcher import Fetcher, OpenFile, Priority
+from ..agent.manifest import digest
+from ..agent.origin import ObjectInfo
+from .metrics import FuseMetrics
+
+log = logging.getLogger("coldbrew.fuse")
+
+T = TypeVar("T")
+
+#: Chunk mappings kept (verified) across reads; each is address space, not memory.
+_MAPPINGS_KEPT = 512
+#: Chunks the cache could not store, kept per open file (bytes in memory).
+_UNCACHED_KEPT = 4
+
+
+@dataclass(frozen=True)
+class ViewSettings:
+    read_timeout_s: float = 60.0
+    #: File name globs prefetched whole, in order, when opened.
+    prefetch: tuple[str, ...] = ("*.safetensors", "*.bin")
+    metadata_ttl_s: float = 10.0
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+
+
+@dataclass
+class Node:
+    """What the view knows about one path: from a listing, refined by a stat for files."""
+
+    rel: str
+    uri: str
+    is_dir: bool
+    size: int = 0
+    etag: str | None = None
+    mtime_ns: int | None = None
+    stat_at: float = 0.0  # monotonic time of the last stat (files)
+
+
+@dataclass
+class _Handle:
+    rel: str
+    file: OpenFile
+    uncached: OrderedDict[int, bytearray] = field(default_factory=OrderedDict)
+    last_index: int = -1
+
+
+@dataclass
+class _Mapping:
+    identity: tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size) of the chunk file checked
+    path: str
+    view: mmap.mmap
+
+
+@dataclass
+class _PageState:
+    """Per path: the ETag whose bytes the kernel may hold, and the ETags open now."""
+
+    etag: str | None = None
+    dirty: bool = False  # two versions were open at once: drop the pages at the next clean open
+    open_etags: dict[str, int] = field(default_factory=dict)
+
+
+def inode_of(rel: str) -> int:
+    """A stable inode number for a path (the same across mounts and restarts)."""
+    if not rel:
+        return 1
+    return (xxhash.xxh3_64_intdigest(rel.encode("utf-8", "surrogateescape")) >> 1) | 2
+
+
+def _rel(path: str | None) -> str:
+    return (path or "/").strip("/")
+
+
+def _erofs(*_: Any, **__: Any) -> int:
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+
+def _op(name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Count and time an operation, and turn any error into the errno the syscall returns."""
+
+    def wrap(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def run(self: View, *args: Any) -> T:
+            started = time.perf_counter()
+            code: int | None = None
+            try:
+                return fn(self, *args)
+            except OSError as e:
+                code = errno_for(e) if isinstance(e, ColdbrewError) else (e.errno or errno.EIO)
+                if isinstance(e, ColdbrewError) or not e.errno:
+                    self._log_error(name, args, e, code)
+                    raise OSError(code, str(e)) from None
+                raise
+            except Exception as e:  # a bug must cost one EIO, not the mount
+                code = errno_for(e)
+                if not isinstance(e, ColdbrewError):
+                    log.exception("FUSE %s failed unexpectedly", name, extra={"path": args[:1]})
+                else:
+                    self._log_error(name, args, e, code)
+                raise OSError(code, str(e)) from None
+            finally:
+                self.metrics.observe(name, code, time.perf_counter() - started)
+
+        return run
+
+    return wrap
+
+
+class View:
+    """mfusepy Operations for the read-only view (use with ``raw_fi=True``)."""
+
+    #: mfusepy: times in integer nanoseconds.
+    use_ns = True
+
+    def __init__(self, fetcher: Fetcher, loop: asyncio.AbstractEventLoop, settings: ViewSettings,
+                 metrics: FuseMetrics) -> None:
+        self.fetcher = fetcher
+        self.store = fetcher.store
+        self.origin = fetcher.origin
+        self.loop = loop
+        self.settings = settings
+        self.metrics = metrics
+        self.mounted_ns = time.time_ns()
+        self._lock = threading.Lock()
+        self._listings: dict[str, tuple[float, dict[str, Node]]] = {}
+        self._handles: dict[int, _Handle] = {}
+        self._fh = itertools.count(1)
+        self._open_per_entry: dict[str, int] = {}
+        self._pages: dict[str, _PageState] = {}
+        self._maps: OrderedDict[tuple[str, int], _Mapping] = OrderedDict()
+        self._stripes = [threading.Lock() for _ in range(64)]
+        self._local = threading.local()
+        self.on_init: Callable[[Any, Any], None] | None = None
+
+    # --- the bridge to the agent's event loop -------------------------------------------------
+
+    def _call(self, op: str, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the agent's loop; EIO if it has not finished within the deadline."""
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except RuntimeError:  # the loop is closed: the agent is shutting down
+            coro.close()
+            raise OSError(errno.EIO, "the agent is shutting down") from None
+        try:
+            return future.result(self.settings.read_timeout_s)
+        except TimeoutError:
+            if future.done():
+                raise  # the coroutine's own TimeoutError
+            future.cancel()  # the fetch itself is shielded and goes on for whoever waits next
+            self.metrics.timeouts.labels(op).inc()
+            raise RequestTimeout(f"{op}: no answer within fuse_read_timeout_s="
+                              f"{self.settings.read_timeout_s:g} s") from None
+
+    def _log_error(self, op: str, args: tuple[Any, ...], e: BaseException, code: int) -> None:
+        level = logging.DEBUG if code in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR) else logging.WARNING
+        log.log(level, "FUSE %s failed", op, extra={"path": args[0] if args else None,
+                                                    "errno": errno.errorcode.get(code), "error": str(e)})
+
+    # --- metadata ------------------------------------------------------------------------------
+
+    def _uri(self, rel: str) -> str:
+        return f"{self.origin.root}/{rel}" if rel else self.origin.root
+
+    def _listing(self, rel_dir: str) -> dict[str, Node]:
+        """One directory level, cached for ``metadata_ttl_s``."""
+        now = time.monotonic()
+        cached = self._listings.get(rel_dir)
+        if cached is not None and now - cached[0] < self.settings.metadata_ttl_s:
+            return cached[1]
+        items = self._call("readdir", self.origin.list_dir(self._uri(rel_dir)))
+        nodes: dict[str, Node] = {}
+        for item in items:
+            name = item["name"]
+            if not name or name in (".", "..") or "/" in name:
+                continue
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            is_dir = item["type"] == "directory"
+            mtime = item.get("mtime")  # when the origin's listing carries it, no HEAD is needed
+            nodes[name] = Node(rel, item["uri"], is_dir, int(item.get("size") or 0), item.get("etag"),
+                               int(mtime * 1e9) if mtime is not None else None,
+                               now if mtime is not None else 0.0)
+        with self._lock:
+            self._listings[rel_dir] = (now, nodes)
+        return nodes
+
+    def forget(self, rel: str) -> None:
+        """Drop what the view knows about ``rel`` (its directory is listed again next time)."""
+        with self._lock:
+            self._listings.pop(rel.rpartition("/")[0], None)
+
+    def _lookup(self, rel: str) -> Node:
+        """The node at ``rel``; ENOENT if it does not exist, ENOTDIR if a parent is a file."""
+        if not rel:
+            return Node("", self.origin.root, True)
+        parent, _, name = rel.rpartition("/")
+        if parent and not self._lookup(parent).is_dir:
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        node = self._listing(parent).get(name)
+        if node is None:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        if not node.is_dir and (node.mtime_ns is None or
+                                time.monotonic() - node.stat_at >= self.settings.metadata_ttl_s):
+            self._refresh(node)
+        return node
+
+    def _refresh(self, node: Node) -> None:
+        """Size, ETag and mtime of a file from the origin (the fetcher's stat cache first)."""
+        info: ObjectInfo = self._call("getattr", self.fetcher.stat(node.uri))
+        node.size, node.etag = info.size, info.etag
+        node.mtime_ns = int(info.mtime * 1e9) if info.mtime is not None else self.mounted_ns
+        node.stat_at = time.monotonic()
+
+    def _attrs(self, rel: str, is_dir: bool, size: int = 0, mtime_ns: int | None = None) -> dict[str, Any]:
+        t = mtime_ns if mtime_ns is not None else self.mounted_ns
+        common = {"st_ino": inode_of(rel), "st_uid": self.settings.uid, "st_gid": self.settings.gid,
+                  "st_atime": t, "st_mtime": t, "st_ctime": t}
+        if is_dir:
+            return {**common, "st_mode": stat.S_IFDIR | 0o555, "st_nlink": 2, "st_size": 0}
+        return {**common, "st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": size,
+                "st_blocks": (size + 511) // 512, "st_blksize": min(self.store.chunk_size, 1 << 20)}
+
+    @_op("getattr")
+    def getattr(self, path: str | None, fi: Any = None) -> dict[str, Any]:
+        handle = self._handles.get(fi.fh) if fi is not None else None
+        if handle is not None:  # fstat on an open file: the version it is pinned to
+            info = handle.file.info
+            return self._attrs(handle.rel, False, info.size,
+                               int(info.mtime * 1e9) if info.mtime is not None else None)
+        rel = _rel(path)
+        node = self._lookup(rel)
+        return self._attrs(rel, node.is_dir, node.size, node.mtime_ns)
+
+    @_op("opendir")
+    def opendir(self, path: str) -> int:
+        if not self._lookup(_rel(path)).is_dir:
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        return 0
+
+    @_op("readdir")
+    def readdir(self, path: str, fh: int) -> list[Any]:
+        rel = _rel(path)
+        if not self._lookup(rel).is_dir:
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        out: list[Any] = [(".", {"st_mode": stat.S_IFDIR, "st_ino": inode_of(rel)}, 0),
+                          ("..", {"st_mode": stat.S_IFDIR}, 0)]
+        for name, node in sorted(self._listing(rel).items()):
+            mode = stat.S_IFDIR if node.is_dir else stat.S_IFREG
+            out.append((name, {"st_mode": mode, "st_ino": inode_of(node.rel)}, 0))
+        return out
+
+    @_op("statfs")
+    def statfs(self, path: str) -> dict[str, int]:
+        bsize = self.store.chunk_size
+        return {"f_bsize": bsize, "f_frsize": bsize, "f_blocks": -(-self.store.used_bytes // bsize),
+                "f_bfree": 0, "f_bavail": 0, "f_files": 0, "f_ffree": 0, "f_namemax": 1024}
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def _wants_prefetch(self, rel: str) -> bool:
+        name = rel.rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatchcase(name, g) for g in self.settings.prefetch)
+
+    async def _open(self, info: ObjectInfo, prefetch: bool) -> OpenFile:
+        f = self.fetcher.open_info(info)  # pinned to the version the view just reported
+        self.store.pin(f.entry)
+        if prefetch and f.entry.layout.count:
+            self.fetcher.prefetch(f, 0)
+        return f
+
+    @_op("open")
+    def open(self, path: str, fi: Any) -> int:
+        flags = fi.flags
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        rel = _rel(path)
+        node = self._lookup(rel)
+        if node.is_dir:
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+        info = ObjectInfo(node.uri, node.size, node.etag or "",
+                          node.mtime_ns / 1e9 if node.mtime_ns is not None else None)
+        f = self._call("open", self._open(info, self._wants_prefetch(rel)))
+        etag = f.info.etag
+        with self._lock:
+            fh = next(self._fh)
+            self._handles[fh] = _Handle(rel, f)
+            key = f.entry.key
+            self._open_per_entry[key] = self._open_per_entry.get(key, 0) + 1
+            page = self._pages.setdefault(rel, _PageState())
+            others = any(e != etag and n > 0 for e, n in page.open_etags.items())
+            if others:  # another version is open on this path: stay out of the shared page cache
+                fi.direct_io, fi.keep_cache = 1, 0
+                page.dirty = True
+            elif page.etag == etag and not page.dirty:
+                fi.keep_cache = 1  # same immutable bytes as before: keep the kernel's pages
+            else:
+                fi.keep_cache = 0  # the kernel drops what it held for this path
+                page.etag, page.dirty = etag, False
+            page.open_etags[etag] = page.open_etags.get(etag, 0) + 1
+        fi.fh = fh
+        self.metrics.open_files.inc()
+        return 0
+
+    @_op("release")
+    def release(self, path: str | None, fi: Any) -> int:
+        with self._lock:
+            handle = self._handles.pop(fi.fh, None)
+            if handle is None:
+                return 0
+            key = handle.file.entry.key
+            left = self._open_per_entry.get(key, 1) - 1
+            if left > 0:
+                self._open_per_entry[key] = left
+            else:
+                self._open_per_entry.pop(key, None)
+                for map_key in [k for k in self._maps if k[0] == key]:
+                    del self._maps[map_key]  # unmapped once no read holds a view over it
+            page = self._pages.get(handle.rel)
+            if page is not None:
+                etag = handle.file.info.etag
+                page.open_etags[etag] = page.open_etags.get(etag, 1) - 1
+                if page.open_etags[etag] <= 0:
+                    del page.open_etags[etag]
+        self.store.unpin(handle.file.entry)
+        self.metrics.open_files.dec()
+        return 0
+
+    @_op("read")
+    def read(self, path: str | None, size: int, offset: int, fi: Any) -> Any:
+        handle = self._handles.get(fi.fh)
+        if handle is None:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        f = handle.file
+        end = min(offset + size, f.info.size)
+        if offset >= end:
+            return b""
+        layout = f.entry.layout
+        first, last = offset // layout.chunk_size, (end - 1) // layout.chunk_size
+        if first == last:
+            buf, start = self._chunk(handle, first), first * layout.chunk_size
+            out = (ctypes.c_char * (end - offset)).from_buffer(buf, offset - start)
+        else:  # the request spans chunks: join the pieces in this thread's scratch buffer
+            scratch = self._scratch(end - offset)
+            pos = 0
+            for index in range(first, last + 1):
+                buf, start = self._chunk(handle, index), index * layout.chunk_size
+                lo, hi = max(offset, start) - start, min(end, start + len(buf)) - start
+                scratch[pos:pos + hi - lo] = memoryview(buf)[lo:hi]
+                pos += hi - lo
+            out = (ctypes.c_char * pos).from_buffer(scratch)
+        self.metrics.read_bytes.inc(end - offset)
+        return out
+
+    def _scratch(self, n: int) -> bytearray:
+        buf = getattr(self._local, "scratch", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.scratch = bytearray(max(n, 1 << 20))
+        return buf
+
+    def _chunk(self, handle: _Handle, index: int) -> mmap.mmap | bytearray:
+        """A writable-buffer object holding chunk ``index``'s verified bytes (never written to)."""
+        kept = handle.uncached.get(index)
+        if kept is not None:
+            return kept
+        f = handle.file
+        entry = f.entry
+        if handle.last_index == index - 1 and index and not self.store.has(entry, index):
+            # A sequential reader went past what is cached: fetch the rest ahead of it.
+            self.loop.call_soon_threadsafe(self.fetcher.prefetch, f, index + 1)
+        handle.last_index = index
+        for _ in range(3):
+            if not self.store.has(entry, index):
+                try:
+                    data = self._call("read", self.fetcher.ensure(f, index, Priority.READ))
+                except ObjectChanged:
+                    self.forget(handle.rel)  # the next open sees the new version
+                    raise
+                if data is not None:  # the cache could not store it: here are the bytes
+                    kept = handle.uncached[index] = bytearray(data)
+                    while len(handle.uncached) > _UNCACHED_KEPT:
+                        handle.uncached.popitem(last=False)
+                    return kept
+            mapped = self._mapped(f, index)
+            if mapped is not None:
+                return mapped
+        raise OSError(errno.EIO, f"chunk {index} of {f.info.uri} kept failing its digest check")
+
+    def _mapped(self, f: OpenFile, index: int) -> mmap.mmap | None:
+        """The chunk file mapped and checked; None if it is gone or corrupt (then dropped)."""
+        entry = f.entry
+        key = (entry.key, index)
+        known = self._maps.get(key)
+        path = known.path if known is not None else str(entry.chunk_path(index))
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self.store.drop_chunk(entry, index)
+            return None
+        if known is not None and known.identity == (st.st_ino, st.st_mtime_ns, st.st_size):
+            return known.view
+        # Kernel read-ahead asks for several pieces of one chunk at once: map and check it once.
+        with self._stripes[hash(key) % len(self._stripes)]:
+            known = self._maps.get(key)
+            if known is not None and known.identity == (st.st_ino, st.st_mtime_ns, st.st_size):
+                return known.view
+            return self._map_and_check(entry, index, path)
+
+    def _map_and_check(self, entry: Any, index: int, path: str) -> mmap.mmap | None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            self.store.drop_chunk(entry, index)
+            return None
+        try:
+            st = os.fstat(fd)
+            want = entry.layout.length(index)
+            # Private and copy-on-write: a writable buffer for ctypes, never written to.
+            view = mmap.mmap(fd, want, access=mmap.ACCESS_COPY) if st.st_size == want > 0 else None
+        finally:
+            os.close(fd)
+        if view is None or digest(view) != entry.digests.get(index):
+            self.store.report_corrupt(entry, index)
+            return None
+        with self._lock:
+            self._maps[(entry.key, index)] = _Mapping((st.st_ino, st.st_mtime_ns, st.st_size), path, view)
+            self._maps.move_to_end((entry.key, index))
+            while len(self._maps) > _MAPPINGS_KEPT:
+                self._maps.popitem(last=False)
+        return view
+
+    # --- read-only: every change is refused ------------------------------------------------------
+
+    mkdir = rmdir = unlink = rename = symlink = link = chmod = chown = truncate = _erofs
+    utimens = create = write = mknod = setxattr = removexattr = _erofs
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if self.on_init is not None:
+            self.on_init(conn, config)
+
+    def destroy(self, path: str) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release every pin still held by files left open (the mount is going away)."""
+        with self._lock:
+            handles = list(self._handles.values())
+            self._handles.clear()
+            self._open_per_entry.clear()
+            self._maps.clear()
+        for handle in handles:
+            self.store.unpin(handle.file.entry)
+            self.metrics.open_files.dec()
+
+    def open_handles(self) -> Iterator[_Handle]:
+        return iter(list(self._handles.values()))

@@ -1,0 +1,288 @@
+"""The FUSE view's logic without a mount: paths, attributes, errnos, page-cache flags, verification.
+
+A real :class:`~coldbrew.agent.store.ChunkStore` on a temp dir and a small fake origin stand
+behind the view; the view's coroutines run on an event loop in a thread, as in the agent.
+(The real mount is exercised in ``test_fuse.py``.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import stat
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from coldbrew.agent.config import load_config, parse_globs
+from coldbrew.agent.errors import ObjectChanged, ObjectNotFound, OriginUnavailable
+from coldbrew.agent.fetcher import Fetcher, OpenFile
+from coldbrew.agent.metrics import AgentMetrics
+from coldbrew.agent.origin import ObjectInfo
+from coldbrew.agent.store import ChunkStore, Limits
+from coldbrew.fuse.metrics import FuseMetrics
+from coldbrew.fuse.view import View, ViewSettings, inode_of
+
+KiB = 1 << 10
+CHUNK = 64 * KiB
+
+
+class FakeOrigin:
+    """Objects in a dict; counts what the view asked for."""
+
+    root = "s3://b/models"
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.etags: dict[str, str] = {}
+        self.calls: list[str] = []
+
+    def put(self, rel: str, data: bytes, etag: str = "e1") -> None:
+        self.objects[rel] = data
+        self.etags[rel] = etag
+
+    def _rel(self, uri: str) -> str:
+        return uri[len(self.root):].strip("/")
+
+    async def list_dir(self, uri: str) -> list[dict]:
+        self.calls.append(f"list {self._rel(uri)}")
+        prefix = self._rel(uri)
+        prefix = prefix + "/" if prefix else ""
+        out: dict[str, dict] = {}
+        for rel, data in self.objects.items():
+            if not rel.startswith(prefix):
+                continue
+            name, _, rest = rel[len(prefix):].partition("/")
+            if rest:
+                out[name] = {"uri": f"{self.root}/{prefix}{name}", "name": name, "type": "directory", "size": 0}
+            else:
+                out[name] = {"uri": f"{self.root}/{rel}", "name": name, "type": "file", "size": len(data),
+                             "etag": self.etags[rel]}
+        if not out and prefix:
+            raise ObjectNotFound(f"{uri}: nothing here")
+        return list(out.values())
+
+    async def stat(self, uri: str) -> ObjectInfo:
+        rel = self._rel(uri)
+        self.calls.append(f"stat {rel}")
+        if rel not in self.objects:
+            raise ObjectNotFound(f"{uri} not found")
+        return ObjectInfo(uri, len(self.objects[rel]), self.etags[rel], 1_700_000_000.5)
+
+    async def read_into(self, info: ObjectInfo, start: int, buf: memoryview) -> None:
+        rel = self._rel(info.uri)
+        self.calls.append(f"get {rel} {start}")
+        if self.etags[rel] != info.etag:
+            raise ObjectChanged(f"{info.uri} changed")
+        buf[:] = self.objects[rel][start:start + len(buf)]
+
+
+@pytest.fixture
+def loop():
+    lp = asyncio.new_event_loop()
+    t = threading.Thread(target=lp.run_forever, daemon=True)
+    t.start()
+    yield lp
+    lp.call_soon_threadsafe(lp.stop)
+    t.join(5)
+    lp.close()
+
+
+@pytest.fixture
+def world(tmp_path, loop):
+    origin = FakeOrigin()
+    metrics = AgentMetrics()
+    store = ChunkStore(tmp_path / "cache", CHUNK, Limits(None, 0), metrics)
+    store.open()
+
+    async def make() -> Fetcher:
+        fetcher = Fetcher(origin, store, metrics, concurrency=2)  # type: ignore[arg-type]
+        fetcher.stat = origin.stat  # no stat cache: every refresh is visible in origin.calls
+        return fetcher
+
+    fetcher = asyncio.run_coroutine_threadsafe(make(), loop).result(5)
+    view = View(fetcher, loop, ViewSettings(read_timeout_s=5, metadata_ttl_s=60), FuseMetrics(metrics.registry))
+    yield SimpleNamespace(origin=origin, store=store, fetcher=fetcher, view=view, metrics=metrics)
+    view.close()
+    store.close()
+
+
+def _errno(fn, *args):
+    try:
+        fn(*args)
+    except OSError as e:
+        return e.errno
+    return None
+
+
+def _fi(flags: int = os.O_RDONLY) -> SimpleNamespace:
+    return SimpleNamespace(flags=flags, fh=0, keep_cache=0, direct_io=0)
+
+
+def _read(view: View, path: str, size: int, offset: int, fi) -> bytes:
+    out = view.read(path, size, offset, fi)
+    return bytes(out)
+
+
+# --- pure parts ------------------------------------------------------------------------------
+
+
+def test_inode_numbers_are_stable_distinct_and_never_reserved():
+    paths = [f"m/{i}/model-{j}.safetensors" for i in range(100) for j in range(100)]
+    inodes = [inode_of(p) for p in paths]
+    assert len(set(inodes)) == len(paths)
+    assert inodes == [inode_of(p) for p in paths]
+    assert inode_of("") == 1 and all(i > 1 for i in inodes) and all(i < 2**63 for i in inodes)
+
+
+def test_prefetch_globs_parse():
+    assert parse_globs("*.safetensors, *.bin") == ("*.safetensors", "*.bin")
+    assert parse_globs("none") == () and parse_globs("") == ()
+    assert parse_globs(["*.gguf"]) == ("*.gguf",)
+    cfg = load_config(env={"COLDBREW_ORIGIN": "s3://b"})
+    assert cfg.mount is None and cfg.fuse_prefetch == ("*.safetensors", "*.bin")
+    assert cfg.fuse_read_timeout_s == 60 and cfg.fuse_readahead == 4 << 20
+    cfg = load_config(env={"COLDBREW_ORIGIN": "s3://b", "COLDBREW_FUSE_PREFETCH": "*"}, flags={"mount": "/models"})
+    assert str(cfg.mount) == "/models" and cfg.fuse_prefetch == ("*",)
+
+
+# --- metadata and errnos ------------------------------------------------------------------------
+
+
+def test_attributes_listing_and_errnos(world):
+    world.origin.put("llama/model.safetensors", b"x" * 1000)
+    world.origin.put("llama/tok/vocab.json", b"{}")
+    view = world.view
+    root = view.getattr("/")
+    assert stat.S_ISDIR(root["st_mode"]) and root["st_ino"] == 1
+    a = view.getattr("/llama/model.safetensors")
+    assert stat.S_ISREG(a["st_mode"]) and a["st_mode"] & 0o777 == 0o444 and a["st_size"] == 1000
+    assert a["st_mtime"] == 1_700_000_000_500_000_000 and a["st_ino"] == inode_of("llama/model.safetensors")
+    assert stat.S_ISDIR(view.getattr("/llama/tok")["st_mode"])
+    names = [n for n, _, _ in view.readdir("/llama", 0)]
+    assert names == [".", "..", "model.safetensors", "tok"]
+    assert _errno(view.getattr, "/llama/missing") == errno.ENOENT
+    assert _errno(view.getattr, "/nowhere/missing") == errno.ENOENT
+    assert _errno(view.getattr, "/llama/model.safetensors/x") == errno.ENOTDIR
+    assert _errno(view.readdir, "/llama/model.safetensors", 0) == errno.ENOTDIR
+    assert _errno(view.opendir, "/llama/model.safetensors") == errno.ENOTDIR
+    assert _errno(view.open, "/llama/tok", _fi()) == errno.EISDIR
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND):
+        assert _errno(view.open, "/llama/model.safetensors", _fi(flags)) == errno.EROFS
+    for op, args in (("mkdir", ("/x", 0o755)), ("unlink", ("/llama/model.safetensors",)),
+                     ("rename", ("/a", "/b")), ("chmod", ("/llama", 0o777)), ("truncate", ("/a", 0)),
+                     ("create", ("/n", 0o644, _fi())), ("write", ("/a", b"x", 0, _fi())),
+                     ("setxattr", ("/a", "user.x", b"1", 0)), ("symlink", ("/a", "/b"))):
+        assert _errno(getattr(view, op), *args) == errno.EROFS, op
+    # One listing per directory however many lookups (within metadata_ttl_s).
+    for _ in range(5):
+        view.getattr("/llama/tok/vocab.json")
+    assert world.origin.calls.count("list llama") == 1
+    assert world.metrics.value("coldbrew_fuse_ops_total", op="getattr", outcome="ENOENT") == 2
+
+
+def test_reads_are_exact_pinned_and_verified(world):
+    data = os.urandom(5 * CHUNK + 123)
+    world.origin.put("m/w.dat", data)
+    view = world.view
+    fi = _fi()
+    view.open("/m/w.dat", fi)
+    handle = view._handles[fi.fh]
+    assert world.store.pinned(handle.file.entry)
+    assert _read(view, "/m/w.dat", 1000, 0, fi) == data[:1000]
+    assert _read(view, "/m/w.dat", 2 * CHUNK, CHUNK - 10, fi) == data[CHUNK - 10:3 * CHUNK - 10]  # spans
+    assert _read(view, "/m/w.dat", 10_000, len(data) - 50, fi) == data[-50:]  # short at the end
+    assert _read(view, "/m/w.dat", 10, len(data), fi) == b""
+    # A chunk file flipped on disk is caught, dropped, counted and fetched again.
+    path = handle.file.entry.chunk_path(1)
+    raw = bytearray(path.read_bytes())
+    raw[5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    gets = sum(c.startswith("get ") for c in world.origin.calls)
+    assert _read(view, "/m/w.dat", 100, CHUNK, fi) == data[CHUNK:CHUNK + 100]
+    assert world.metrics.value("coldbrew_corrupt_chunks_total", source="cache") == 1
+    assert sum(c.startswith("get ") for c in world.origin.calls) == gets + 1
+    view.release("/m/w.dat", fi)
+    assert not world.store.pinned(handle.file.entry)
+
+
+def test_object_changed_under_an_open_file(world):
+    data = os.urandom(5 * CHUNK)
+    world.origin.put("m/v.dat", data)
+    view = world.view
+    fi = _fi()
+    view.open("/m/v.dat", fi)
+    assert _read(view, "/m/v.dat", 100, 0, fi) == data[:100]
+    world.origin.put("m/v.dat", os.urandom(100), etag="e2")
+    assert _read(view, "/m/v.dat", 100, 0, fi) == data[:100], "cached: the pinned version"
+    assert _errno(view.read, "/m/v.dat", 100, 3 * CHUNK, fi) == errno.ESTALE
+    assert view.getattr("/m/v.dat", fi)["st_size"] == len(data), "fstat: the pinned version"
+    assert view.getattr("/m/v.dat")["st_size"] == 100, "the view forgot the old version at once"
+    view.release("/m/v.dat", fi)
+    fi = _fi()
+    view.open("/m/v.dat", fi)
+    assert _read(view, "/m/v.dat", 1000, 0, fi) == world.origin.objects["m/v.dat"]
+    view.release("/m/v.dat", fi)
+
+
+def test_page_cache_flags_follow_the_etag(world):
+    world.origin.put("m/a.bin", b"1" * 100, etag="e1")
+    view = world.view
+
+    def opened():
+        fi = _fi()
+        view.open("/m/a.bin", fi)
+        return fi
+
+    first = opened()
+    assert (first.keep_cache, first.direct_io) == (0, 0), "first open: the kernel starts clean"
+    again = opened()
+    assert (again.keep_cache, again.direct_io) == (1, 0), "same ETag: keep the kernel's pages"
+    world.origin.put("m/a.bin", b"2" * 100, etag="e2")
+    view.forget("m/a.bin")
+    newer = opened()
+    assert (newer.keep_cache, newer.direct_io) == (0, 1), "two versions open at once: bypass the cache"
+    for fi in (first, again, newer):
+        view.release("/m/a.bin", fi)
+    clean = opened()
+    assert (clean.keep_cache, clean.direct_io) == (0, 0), "after a mix: drop the kernel's pages once"
+    assert (opened().keep_cache, opened().direct_io) == (1, 0)
+
+
+def test_a_stalled_origin_is_eio_after_the_deadline(world):
+    world.origin.put("m/slow.dat", b"z" * CHUNK)
+
+    async def stall(info, start, buf):
+        await asyncio.sleep(0.6)
+        raise OriginUnavailable("the origin is down")
+
+    world.origin.read_into = stall
+    view = View(world.fetcher, world.view.loop, ViewSettings(read_timeout_s=0.3), world.view.metrics)
+    fi = _fi()
+    view.open("/m/slow.dat", fi)
+    assert _errno(view.read, "/m/slow.dat", 10, 0, fi) == errno.EIO
+    assert world.metrics.value("coldbrew_fuse_timeouts_total", op="read") == 1
+    view.release("/m/slow.dat", fi)
+    time.sleep(0.5)  # let the abandoned fetch end before the loop stops
+
+
+def test_prefetch_on_open_follows_the_globs(world, loop):
+    world.origin.put("m/model.safetensors", b"s" * (3 * CHUNK))
+    world.origin.put("m/notes.txt", b"t" * (3 * CHUNK))
+    view = world.view
+    for path in ("/m/model.safetensors", "/m/notes.txt"):
+        fi = _fi()
+        view.open(path, fi)
+        f: OpenFile = view._handles[fi.fh].file
+
+        async def settle(f=f):
+            task = world.fetcher._prefetch.get(f.entry.key)
+            if task is not None:
+                await task
+            return len(f.entry.present)
+
+        cached = asyncio.run_coroutine_threadsafe(settle(), loop).result(5)
+        assert cached == (3 if path.endswith(".safetensors") else 0), path
+        view.release(path, fi)
