@@ -111,8 +111,8 @@ class _Step:
 
 
 class _Agent:
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
-        self.workdir, self.env = workdir, env
+    def __init__(self, workdir: Path, env: dict[str, str], mount: Path | None) -> None:
+        self.workdir, self.env, self.mount = workdir, env, mount
         self.socket = workdir / "agent.sock"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -122,7 +122,8 @@ class _Agent:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "coldbrew.agent", "agent", "--origin", f"s3://{BUCKET}",
              "--cache-dir", str(self.workdir / "cache"), "--socket", str(self.socket),
-             "--metrics-address", f"127.0.0.1:{port}"],
+             "--metrics-address", f"127.0.0.1:{port}",
+             *(["--mount", str(self.mount)] if self.mount else [])],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         log.close()
         client = AgentClient(self.socket)
@@ -164,7 +165,8 @@ def run_demo(args: argparse.Namespace) -> int:
             s3.start()
         shards = _make_model(workdir, total)
         _upload(s3, shards)
-        agent = _Agent(workdir, s3.env())
+        mount = workdir / "models" if _can_mount() else None
+        agent = _Agent(workdir, s3.env(), mount)
         with _Step("start agent"):
             agent.start()
         uri = f"s3://{BUCKET}/{PREFIX}/"
@@ -174,6 +176,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print("\n".join("    " + line for line in agent.cli("status", uri).splitlines()))
         _read_back(agent, shards, workdir, "read back through the node cache (warm)")
         _load_with_loader(agent, shards, workdir, s3, uri, nbytes)
+        _read_through_mount(mount, shards, nbytes)
         with _Step("restart agent (cache survives)"):
             agent.stop()
             agent.start()
@@ -225,6 +228,30 @@ def _load_with_loader(agent: _Agent, shards: list[Path], workdir: Path, s3: Loca
         state = load_dir(uri, agent=False, cache_dir=cache)
     check(state)
     del state
+
+
+def _can_mount() -> bool:
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
+        print("  (FUSE steps skipped: mounting needs root, /dev/fuse and Debian fuse3)")
+        return False
+    return True
+
+
+def _read_through_mount(mount: Path | None, shards: list[Path], nbytes: int) -> None:
+    """Any program reads the model as plain files under the mount."""
+    if mount is None:
+        return
+    files = [mount / PREFIX / p.name for p in shards]
+    with _Step("FUSE: sha256 of every file through the mount", nbytes):
+        same = all(_sha256(f) == _sha256(p) for f, p in zip(files, shards))
+    if not same:
+        raise ColdbrewError("bytes read through the FUSE mount differ from the source")
+    try:
+        from ..loader import load_dir
+    except ImportError:
+        return
+    with _Step("FUSE: loader load_dir from the mounted directory", nbytes):
+        load_dir(str(mount / PREFIX))
 
 
 def _make_model(workdir: Path, total: int) -> list[Path]:
