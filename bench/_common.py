@@ -274,3 +274,18 @@ def write_json(path: Path, data: Any) -> None:
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def size_arg(text: str) -> int:
+    """argparse type for sizes like 1GiB (positive)."""
+    import argparse
+
+    from coldbrew.agent.config import parse_size
+
+    try:
+        n = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return n

@@ -720,30 +720,18 @@ def _mem_available() -> int:
     return 0
 
 
-def _size(text: str) -> int:
-    from coldbrew.agent.config import parse_size
-
-    try:
-        n = parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return n
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--size", type=_size, default=_size("1GiB"), help="object size (default 1GiB)")
+    p.add_argument("--size", type=C.size_arg, default=C.size_arg("1GiB"), help="object size (default 1GiB)")
     p.add_argument("--runs", type=int, default=3, help="repetitions; medians are reported (default 3)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write every figure here")
-    p.add_argument("--rss-size", type=_size, default=None, metavar="SIZE",
+    p.add_argument("--rss-size", type=C.size_arg, default=None, metavar="SIZE",
                    help="also prewarm an object of this size (e.g. 4GiB) with a fresh agent and check its "
                         "peak RSS < 1 GiB; off by default (the S3 server needs ~2 GB RAM per GiB stored)")
     p.add_argument("--concurrency", type=int, default=8, help="parallel ranged GETs, agent and (b) (default 8)")
-    p.add_argument("--chunk-size", type=_size, default=_size("16MiB"), help="range / chunk size (default 16MiB)")
+    p.add_argument("--chunk-size", type=C.size_arg, default=C.size_arg("16MiB"), help="range / chunk size (default 16MiB)")
     p.add_argument("--transport", choices=("both", *TRANSPORTS), default="both",
                    help="client(s) for (b); with both, the faster median is the ceiling (default both)")
     p.add_argument("--boto3-read", choices=("fp", "readinto", "read"), default="fp",

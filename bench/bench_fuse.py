@@ -375,25 +375,13 @@ def _metric(agent: C.AgentProc, name: str, **labels: str) -> float | None:
     return None
 
 
-def _size(text: str) -> int:
-    from coldbrew.agent.config import parse_size
-
-    try:
-        n = parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return n
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--size", type=_size, default=_size("1GiB"), help="object size (default 1GiB)")
+    p.add_argument("--size", type=C.size_arg, default=C.size_arg("1GiB"), help="object size (default 1GiB)")
     p.add_argument("--runs", type=int, default=3, help="repetitions; medians are reported (default 3)")
-    p.add_argument("--chunk-size", type=_size, default=_size("16MiB"), help="agent chunk size (default 16MiB)")
+    p.add_argument("--chunk-size", type=C.size_arg, default=C.size_arg("16MiB"), help="agent chunk size (default 16MiB)")
     p.add_argument("--concurrency", type=int, default=8, help="agent fetch concurrency (default 8)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write every figure here")
     p.add_argument("--no-drop-caches", dest="drop_caches", action="store_false", default=True,

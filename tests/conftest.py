@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,6 +49,23 @@ def proxy(s3: LocalS3) -> Iterator[FaultProxy]:
     """A fault-injecting proxy in front of the S3 server; point agents at ``proxy.url``."""
     with FaultProxy("127.0.0.1", s3.port) as p:
         yield p
+
+
+@pytest.fixture
+def make_tmpfs(tmp_path: Path) -> Iterator[Any]:
+    """``make_tmpfs("6m")`` mounts a tiny tmpfs (a disk that fills up); unmounted after the test."""
+    mounts: list[Path] = []
+
+    def make(size: str) -> Path:
+        mnt = tmp_path / f"tmpfs{len(mounts)}"
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
+        mounts.append(mnt)
+        return mnt
+
+    yield make
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ reader still got exactly the origin's bytes.
 from __future__ import annotations
 
 import random
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -142,12 +141,8 @@ def test_flipped_byte_in_cached_chunk_is_detected_counted_and_refetched(bucket, 
 
 
 @pytest.fixture
-def tiny_disk(tmp_path):
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], check=True)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+def tiny_disk(make_tmpfs):
+    return make_tmpfs("6m")
 
 
 def test_full_cache_disk_still_serves_correct_bytes(bucket, s3_client, make_agent, tiny_disk, tmp_path):

@@ -11,7 +11,6 @@ take both kinds of origin GET (straight into the tensor, or through scratch).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest

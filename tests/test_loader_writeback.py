@@ -136,12 +136,8 @@ def test_cache_write_failures_never_fail_the_load(env, model, tmp_path, caplog):
 
 
 @pytest.fixture
-def tiny_disk(tmp_path):
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+def tiny_disk(make_tmpfs):
+    return make_tmpfs("1m")
 
 
 def test_full_cache_disk_mid_write(env, model, tiny_disk, caplog):
