@@ -253,7 +253,9 @@ class _Copier:
             for chunk, check in zip(chunks, checks):
                 taken += 1
                 fd = check.result() if check is not None else None
-                if fd is None:
+                if fd == _UNREADABLE:  # this process cannot see the cache dir: stream it
+                    self._stream(chunk, out)
+                elif fd is None:
                     self._repair_or_stream(chunk, out)
                 else:
                     try:
@@ -266,7 +268,7 @@ class _Copier:
             for check in checks[taken:]:
                 if check is not None and not check.cancel() and check.exception() is None:
                     fd = check.result()
-                    if fd is not None:
+                    if fd is not None and fd >= 0:
                         _close_quietly(fd)
 
     def _repair_or_stream(self, chunk: dict[str, Any], out: Any) -> None:
@@ -276,7 +278,7 @@ class _Copier:
             chunk = self.client.ensure(lease=self.lease, offset=chunk["offset"],
                                        length=chunk["length"])["chunks"][0]
             fd = _open_verified(chunk) if chunk["cached"] else None
-            if fd is not None:
+            if fd is not None and fd >= 0:
                 try:
                     _copy_range(fd, out.fileno(), chunk["length"], chunk["offset"])
                 finally:
@@ -296,8 +298,14 @@ class _Copier:
         self.streamed += 1
 
 
+_UNREADABLE = -1
+
+
 def _open_verified(chunk: dict[str, Any]) -> int | None:
-    """An open fd on the chunk's cache file if it has the right size and digest, else None.
+    """An open fd on the chunk's cache file if it has the right size and digest.
+
+    None: the file is there but its bytes are wrong (corrupt, or replaced);
+    ``_UNREADABLE``: this process cannot open it (another mount namespace, or evicted).
 
     Hashes through mmap (no copy); the fd stays open so the copy reads the very
     inode that was checked, even if the file is replaced meanwhile.
@@ -305,7 +313,7 @@ def _open_verified(chunk: dict[str, Any]) -> int | None:
     try:
         fd = os.open(chunk["path"], os.O_RDONLY)
     except OSError:
-        return None  # the cache file vanished (evicted by hand?): stream instead
+        return _UNREADABLE
     try:
         length = chunk["length"]
         ok = os.fstat(fd).st_size == length

@@ -123,3 +123,24 @@ def test_lru_eviction_keeps_files_in_use(bucket, s3_client, make_agent, tmp_path
     agent.client.release(lease_c)
     agent.cli("prewarm", "m/a.bin", "--wait", "--quiet", check=True)
     assert agent.metric("coldbrew_cache_evictions_total") == 2
+
+
+def test_get_streams_when_the_client_cannot_see_the_cache(bucket, s3_client, make_agent, tmp_path):
+    """A reader in another mount namespace (a pod without the hostPath) still gets every byte."""
+    import subprocess
+    import sys
+
+    data = put_random(s3_client, bucket, "m/far.bin", 3 * MiB + 11, 41)
+    agent = make_agent(f"s3://{bucket}", extra_args=["--chunk-size", "1MiB"])
+    agent.cli("prewarm", "m/far.bin", "--wait", "--quiet", check=True)
+    dest = tmp_path / "far.bin"
+    # An empty tmpfs over the cache dir, visible to the client's namespace only.
+    script = (f"mount -t tmpfs none {agent.cache_dir} && test -z \"$(ls -A {agent.cache_dir})\" && "
+              f"{sys.executable} -m coldbrew.agent get "
+              f"m/far.bin {dest} --quiet --socket {agent.socket}")
+    result = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert dest.read_bytes() == data
+    assert agent.metric("coldbrew_corrupt_chunks_total", source="cache") == 0
+    assert "corrupt" not in agent.log(), "an unreadable cache file is not corruption"
