@@ -186,3 +186,23 @@ def test_s3_via_agent(corpus, small_spans, bucket, s3_client, make_agent, monkey
     gets = agent.metric("coldbrew_origin_requests_total", op="get", outcome="ok")
     check_all(corpus, lambda rel: f"s3://{bucket}/m/{rel}", agent=True, cache_dir=False)
     assert agent.metric("coldbrew_origin_requests_total", op="get", outcome="ok") == gets
+
+
+# --- the agent's FUSE mount -----------------------------------------------------------------
+
+
+def test_files_on_the_fuse_mount(corpus, small_spans, bucket, s3_client, make_agent, tmp_path):
+    """A path under the mount is a local path: same tensors, every byte through the node cache."""
+    import subprocess
+
+    upload(s3_client, bucket, corpus)
+    mnt = tmp_path / "models"
+    agent = make_agent(f"s3://{bucket}", extra_args=["--chunk-size", "64KiB", "--mount", str(mnt)])
+    try:
+        stats = check_all(corpus, lambda rel: str(mnt / "m" / rel), cache_dir=False, agent=False)
+        assert all(set(s["bytes_by_source"]) <= {"local"} for s in stats)
+        assert agent.metric("coldbrew_fuse_read_bytes_total") > 0
+        assert agent.metric("coldbrew_origin_bytes_total") > 0, "the mount read through the agent"
+    finally:
+        agent.stop()
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, check=False)
