@@ -17,7 +17,6 @@ import logging
 import time
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable
 
 from .errors import CacheError, CorruptData, ObjectChanged
 from .metrics import AgentMetrics
@@ -155,18 +154,6 @@ class Fetcher:
         """Check a present chunk against its digest (mmap, no copy); drop it if corrupt."""
         return await asyncio.to_thread(self.store.verify_present, f.entry, index)
 
-    async def read(self, f: OpenFile, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) of the file, verified, from wherever they are."""
-        out = bytearray()
-        layout = f.entry.layout
-        for index in layout.chunks_for(offset, length):
-            chunk = await self.chunk_bytes(f, index)
-            start, _ = layout.bounds(index)
-            lo = max(offset - start, 0)
-            hi = min(offset + length - start, len(chunk))
-            out += chunk[lo:hi]
-        return bytes(out)
-
     async def chunk_bytes(self, f: OpenFile, index: int, priority: Priority = Priority.READ
                           ) -> bytes:
         """One whole chunk, verified; a corrupt cached copy is refetched once."""
@@ -208,8 +195,7 @@ class Fetcher:
             self.store.unpin(f.entry)
             self._prefetch.pop(f.entry.key, None)
 
-    async def ensure_all(self, f: OpenFile, indexes: list[int], priority: Priority,
-                         on_chunk: Callable[[int, bool], None] | None = None) -> int:
+    async def ensure_all(self, f: OpenFile, indexes: list[int], priority: Priority) -> int:
         """Ensure every chunk in ``indexes`` with enough in flight to fill every slot.
 
         Returns how many came back uncached (cache full or failing).
@@ -223,8 +209,6 @@ class Fetcher:
                 data = await self.ensure(f, index, priority)
                 if data is not None:
                     uncached += 1
-                if on_chunk is not None:
-                    on_chunk(index, data is None)
 
         workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
         try:
