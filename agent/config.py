@@ -91,6 +91,26 @@ def parse_address(text: str) -> tuple[str, int]:
     return (host.strip("[]") or "0.0.0.0", int(port))
 
 
+def parse_peers(text: str | list[str] | tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """``'10.0.0.5:7881,node-b:7881'`` → (('10.0.0.5', 7881), ('node-b', 7881)); ``''`` → ()."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    peers = []
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        host, port = parse_address(item)
+        if not item.rpartition(":")[0].strip("[]") or port == 0:
+            raise ValueError(f"peer {item!r} needs a host and a port (e.g. 10.0.0.5:7881)")
+        peers.append((host, port))
+    return tuple(peers)
+
+
+def parse_port(text: str | int) -> int:
+    if not str(text).strip().isdigit() or not 0 <= int(text) <= 65534:
+        raise ValueError(f"{text!r} is not a port (0 turns P2P off; the agent also uses port + 1)")
+    return int(text)
+
+
 def parse_bool(text: str | bool) -> bool:
     if isinstance(text, bool):
         return text
@@ -198,6 +218,20 @@ SETTINGS: tuple[Setting, ...] = (
             "let users other than the agent's read the mount (needs root or user_allow_other)"),
     Setting("fuse_readahead", parse_size, 4 * MiB,
             "kernel read-ahead for the mount (1 MiB FUSE requests need >= 1MiB)"),
+    Setting("p2p_port", parse_port, 0,
+            "share chunks with other agents: their peer endpoint (HTTP) listens on this TCP port "
+            "and libtorrent on the next one; 0 turns P2P off"),
+    Setting("p2p_address", str, "0.0.0.0", "address the P2P ports bind to"),
+    Setting("peers", parse_peers, (),
+            "other agents, host:port,... (port = their p2p_port)"),
+    Setting("peers_dns", _optional_str, None,
+            "a DNS name that resolves to every agent (a headless Service); peers use our p2p_port"),
+    Setting("peers_refresh_s", _positive(float), 30.0, "how often peers_dns is resolved again"),
+    Setting("p2p_upload_limit", parse_size, 1 * GiB,
+            "most bytes per second served to peers, so they cannot starve this node's own loads "
+            "(0: no cap)"),
+    Setting("p2p_chunk_timeout_s", _positive(float), 10.0,
+            "longest a chunk may take to arrive from peers before it is fetched from the origin"),
     Setting("log_format", lambda s: _choice(s, ("json", "text")), "json", "json or text"),
     Setting("log_level", lambda s: _choice(str(s).upper(), ("DEBUG", "INFO", "WARNING", "ERROR")),
             "INFO", "DEBUG, INFO, WARNING or ERROR"),
@@ -238,6 +272,13 @@ class AgentConfig:
     fuse_metadata_ttl_s: float
     fuse_allow_other: bool
     fuse_readahead: int
+    p2p_port: int
+    p2p_address: str
+    peers: tuple[tuple[str, int], ...]
+    peers_dns: str | None
+    peers_refresh_s: float
+    p2p_upload_limit: int
+    p2p_chunk_timeout_s: float
     log_format: str
     log_level: str
 
