@@ -116,7 +116,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
                                   if os.environ.get("COLDBREW_CONFIG") else None)
     config = load_config(file=config_file, flags={s.name: getattr(args, s.name) for s in SETTINGS})
     setup_logging(config.log_format, config.log_level)
-    return asyncio.run(run_agent(config))
+    return asyncio.run(run_agent(config, config_file))
 
 
 def cmd_prewarm(args: argparse.Namespace) -> int:

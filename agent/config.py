@@ -132,6 +132,13 @@ def _positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return parse
 
 
+def _non_negative_seconds(text: Any) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{text!r} must be 0 (off) or a number of seconds greater than 0")
+    return value
+
+
 def parse_origin(text: str) -> str:
     text = str(text).strip()
     if "://" not in text:
@@ -204,6 +211,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("read_timeout_s", _positive(float), 30.0, "origin read timeout (no byte for this long)"),
     Setting("check_origin", parse_bool, True,
             "at start, fail fast if the origin bucket is missing or credentials are refused"),
+    Setting("prewarm_reload_s", _non_negative_seconds, 30.0,
+            "how often the config file's prewarm list is read again; new entries are prewarmed "
+            "without a restart (0: read it only at start)"),
     Setting("mount", _optional_path, None,
             "mount a read-only FUSE view of the origin at this directory (unset: no mount)"),
     Setting("fuse_read_timeout_s", _positive(float), 60.0,
@@ -266,6 +276,7 @@ class AgentConfig:
     connect_timeout_s: float
     read_timeout_s: float
     check_origin: bool
+    prewarm_reload_s: float
     mount: Path | None
     fuse_read_timeout_s: float
     fuse_prefetch: tuple[str, ...]

@@ -26,6 +26,7 @@ from .fetcher import Fetcher
 from .jobs import Jobs
 from .metrics import AgentMetrics
 from .origin import Origin
+from .prewarm_list import PrewarmList
 from .store import ChunkStore, Limits
 
 log = logging.getLogger("coldbrew.agent")
@@ -58,8 +59,10 @@ def _claim_socket(path: Path) -> None:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, config_file: Path | None = None) -> None:
         self.config = config
+        self.config_file = config_file  # its prewarm list is followed while running
+        self.prewarm_list: PrewarmList | None = None
         self.metrics = AgentMetrics()
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[Any]] = []
@@ -88,6 +91,10 @@ class Agent:
         self.fetcher = Fetcher(self.origin, self.store, self.metrics, cfg.fetch_concurrency)
         await asyncio.to_thread(self.fetcher.slots.preallocate)
         self.jobs = Jobs(self.fetcher, self.metrics)
+        if self.config_file is not None:  # a bad list stops the start, like a bad setting
+            self.prewarm_list = PrewarmList(self.config_file, self.jobs, self.origin.resolve,
+                                            cfg.prewarm_reload_s, self.metrics.registry)
+            self.prewarm_list.load()
         self.api = ControlAPI(self.fetcher, self.jobs, self.metrics, facts={})
         await self._serve_metrics()
         if cfg.mount is not None:
@@ -98,6 +105,8 @@ class Agent:
             "metrics_address": self.metrics_address, "chunk_size": cfg.chunk_size, "pid": os.getpid(),
             "mount": str(cfg.mount) if cfg.mount is not None else None})
         self._tasks.append(asyncio.create_task(self._sweep_leases()))
+        if self.prewarm_list is not None:
+            self._tasks.append(asyncio.create_task(self.prewarm_list.run()))
         self.api.ready = True
         self.metrics.ready.set(1)
         log.info("agent ready", extra=self.api.facts)
@@ -173,9 +182,9 @@ class Agent:
         log.info("agent stopped")
 
 
-async def run_agent(config: AgentConfig) -> int:
+async def run_agent(config: AgentConfig, config_file: Path | None = None) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
-    agent = Agent(config)
+    agent = Agent(config, config_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
