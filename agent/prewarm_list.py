@@ -36,9 +36,10 @@ import asyncio
 import logging
 import time
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -238,7 +239,7 @@ class PrewarmList:
             try:
                 self.reload()
                 self.tick()
-            except Exception:  # noqa: BLE001 - a watcher bug must not take the agent down
+            except Exception:  # a watcher bug must not take the agent down
                 log.exception("prewarm list reload failed; the previous list stays in force")
 
     def reload(self) -> bool:

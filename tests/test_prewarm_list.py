@@ -61,8 +61,8 @@ def test_no_list_is_an_empty_list():
     ('prewarm = ["a", 42]', "prewarm entry 2 is int 42, not a URI string"),
     ('prewarm = ["  "]', "prewarm entry 1 is '  '; name a file or a prefix under the origin"),
     ('prewarm = ["/"]', "prewarm entry 1 is '/'"),
-    ('prewarm = ["gs://other/x"]', "prewarm entry 1 ('gs://other/x'): gs://other/x: this agent's "
-                                   "origin is s3://models"),
+    ('prewarm = ["gs://other/x"]', ("prewarm entry 1 ('gs://other/x'): gs://other/x: this "
+                                    "agent's origin is s3://models")),
     ('[prewarm]\nurls = ["a"]', "[prewarm] takes only `uris = [...]`, not urls"),
     ('prewarm = ["a"\n', "config file x.toml is not valid TOML"),
     ('prewarm = ["a"]\n[agent]\nprewarm = ["b"]\n', "the prewarm list is given twice"),
