@@ -239,6 +239,7 @@ class ControlAPI:
             "corrupt_chunks": int(sum(m.value("coldbrew_corrupt_chunks_total", source=s)
                                       for s in SOURCES)),
             "jobs_running": sum(1 for j in self.jobs.all() if j.finished is None),
+            "p2p": self.fetcher.sharing.status() if self.fetcher.sharing else None,
         }
 
     async def ls(self, request: web.Request) -> web.Response:

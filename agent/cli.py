@@ -6,6 +6,7 @@
     coldbrew ls      [URI] [--json]       list the origin, with cached bytes
     coldbrew evict   URI                  drop a file or prefix from the cache
     coldbrew get     URI DEST             copy a file out through the node cache
+    coldbrew publish URI...               put manifests beside the models, for P2P from byte one
     coldbrew demo                         the whole thing end to end on a local S3
 
 Every error is one line on stderr and a non-zero exit: 2 for bad usage or
@@ -72,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("dest", type=Path, help="destination file, or a directory to copy into")
     get.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_socket(get)
+
+    pub = sub.add_parser("publish", help="write P2P manifests beside model files at the origin",
+                         description="Read each file once and write its manifest (chunk digests "
+                         "and BitTorrent piece hashes) to a .coldbrew/ folder beside it, so agents "
+                         "share it with each other from the first byte. Needs write access to the "
+                         "bucket; endpoint and credentials come from the usual AWS variables.")
+    pub.add_argument("uris", nargs="+", metavar="URI", help="s3://bucket/key or s3://bucket/prefix/")
+    pub.add_argument("--chunk-size", default="16MiB",
+                     help="must equal the agents' chunk_size (default 16MiB)")
+    pub.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint ($AWS_ENDPOINT_URL)")
+    pub.add_argument("--force", action="store_true", help="rewrite manifests that are up to date")
+    pub.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="run everything end to end on a local S3 server")
     demo.add_argument("--model-size", default="1GiB", help="size of the generated model (default 1GiB)")
@@ -180,6 +193,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"agent: cache {format_size(agent['cache_bytes'])} of {format_size(agent['cache_capacity_bytes'])}"
           f" · served from cache {format_size(served['cache'])}, peers {format_size(served['peer'])},"
           f" origin {format_size(served['origin'])}")
+    p2p = agent.get("p2p")
+    if p2p:
+        print(f"p2p: {len(p2p['peers'])} peer(s), {p2p['connections']} connection(s), "
+              f"{p2p['torrents']} file(s) shared · from peers {format_size(p2p['bytes_from_peers'])}"
+              f", to peers {format_size(p2p['bytes_to_peers'])}, {p2p['peers_banned']} banned"
+              + (f" · unreachable: {', '.join(p2p['unreachable'])}" if p2p["unreachable"] else ""))
     return 0
 
 
@@ -235,6 +254,47 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .config import OriginSettings, parse_chunk_size
+    from .publish import publish
+
+    try:
+        chunk_size = parse_chunk_size(args.chunk_size)
+    except ValueError as e:
+        raise UsageError(f"--chunk-size: {e}") from None
+    overrides = {"endpoint_url": args.endpoint_url} if args.endpoint_url else {}
+    bar: Any = None
+    show = not args.quiet and sys.stderr.isatty()
+
+    def on_files(infos: list[Any]) -> None:
+        nonlocal bar
+        if show:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(i.size for i in infos), unit="B", unit_scale=True,
+                       unit_divisor=1024, desc=f"publish {len(infos)} file(s)", file=sys.stderr)
+
+    def on_bytes(n: int) -> None:
+        if bar is not None:
+            bar.update(n)
+
+    for uri in args.uris:
+        try:
+            results = asyncio.run(publish(uri, chunk_size, OriginSettings.from_env(uri, **overrides),
+                                          force=args.force, on_bytes=on_bytes, on_files=on_files))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        finally:
+            if bar is not None:
+                bar.close()
+        for r in results:
+            state = "up to date" if r.skipped else "published"
+            print(f"{state}: {r.uri} ({r.chunks} chunks) → {r.sidecar}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -242,7 +302,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"agent": cmd_agent, "prewarm": cmd_prewarm, "status": cmd_status, "ls": cmd_ls,
-            "evict": cmd_evict, "get": cmd_get, "demo": cmd_demo}
+            "evict": cmd_evict, "get": cmd_get, "publish": cmd_publish, "demo": cmd_demo}
 
 
 if __name__ == "__main__":

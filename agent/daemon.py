@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import socket
 from pathlib import Path
@@ -72,7 +73,10 @@ class Agent:
         self.jobs: Jobs | None = None
         self.api: ControlAPI | None = None
         self.mount: Any = None  # coldbrew.fuse.mount.Mount when --mount is set
+        self.sharing: Any = None  # coldbrew.agent.sharing.Sharing when P2P is on
         self.metrics_address = ""
+        #: Names this agent to its peers (and is its BitTorrent peer id): 20 ASCII bytes.
+        self.agent_id = "cb" + secrets.token_hex(9)
 
     async def start(self) -> None:
         cfg = self.config
@@ -83,7 +87,8 @@ class Agent:
         disk = _disk_bytes(cfg.cache_dir)
         limits = Limits(size_bytes=cfg.cache_size.resolve(disk),
                         reserve_bytes=cfg.cache_reserve.resolve(disk))
-        self.store = ChunkStore(cfg.cache_dir, cfg.chunk_size, limits, self.metrics)
+        self.store = ChunkStore(cfg.cache_dir, cfg.chunk_size, limits, self.metrics,
+                                piece_hashes=cfg.p2p_port > 0)
         await asyncio.to_thread(self.store.open)
         self.origin = Origin(cfg.origin_settings, self.metrics)
         if cfg.check_origin:
@@ -96,6 +101,8 @@ class Agent:
                                             cfg.prewarm_reload_s, self.metrics.registry)
             self.prewarm_list.load()
         self.api = ControlAPI(self.fetcher, self.jobs, self.metrics, facts={})
+        if cfg.p2p_port:
+            await self._start_p2p()
         await self._serve_metrics()
         if cfg.mount is not None:
             await self._mount()
@@ -103,7 +110,8 @@ class Agent:
         self.api.facts.update({
             "origin": self.origin.root, "cache_dir": str(cfg.cache_dir), "socket": str(cfg.socket),
             "metrics_address": self.metrics_address, "chunk_size": cfg.chunk_size, "pid": os.getpid(),
-            "mount": str(cfg.mount) if cfg.mount is not None else None})
+            "mount": str(cfg.mount) if cfg.mount is not None else None,
+            "agent_id": self.agent_id, "p2p_port": cfg.p2p_port or None})
         self._tasks.append(asyncio.create_task(self._sweep_leases()))
         if self.prewarm_list is not None:
             self._tasks.append(asyncio.create_task(self.prewarm_list.run()))
@@ -124,6 +132,42 @@ class Agent:
         self._runners.append(runner)
         bound = runner.addresses[0]
         self.metrics_address = f"{bound[0]}:{bound[1]}"
+
+    async def _start_p2p(self) -> None:
+        """libtorrent on p2p_port + 1, the peer endpoint on p2p_port, then discovery."""
+        from .discovery import PeerDirectory
+        from .peers import P2PSettings, Swarm
+        from .sharing import Sharing
+
+        cfg = self.config
+        assert self.store is not None and self.origin is not None and self.fetcher is not None
+        swarm = Swarm(P2PSettings(cfg.p2p_address, cfg.p2p_port + 1, cfg.p2p_upload_limit,
+                                  cfg.p2p_chunk_timeout_s),
+                      self.agent_id, self.store, self.metrics, asyncio.get_running_loop())
+        try:
+            await asyncio.to_thread(swarm.start)
+        except ColdbrewError as e:
+            raise ConfigError(str(e)) from None
+
+        def peers_changed(peers: dict[str, Any]) -> None:
+            swarm.set_endpoints({p.agent_id: p.bt_endpoint for p in peers.values()})
+            self.metrics.p2p_peers.set(len(peers))
+
+        directory = PeerDirectory(self.agent_id, cfg.peers, cfg.peers_dns, cfg.p2p_port,
+                                  cfg.peers_refresh_s, peers_changed)
+        self.sharing = Sharing(swarm, directory, self.store, self.origin, self.metrics)
+        self.fetcher.sharing = self.sharing
+        await self.sharing.start()
+        runner = web.AppRunner(self.sharing.peer_app(self.agent_id), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, cfg.p2p_address, cfg.p2p_port).start()
+        except OSError as e:
+            await runner.cleanup()
+            raise ConfigError(f"cannot listen on P2P port {cfg.p2p_address}:{cfg.p2p_port}: "
+                              f"{e.strerror}") from e
+        self._runners.append(runner)
+        self._tasks.append(asyncio.create_task(directory.run()))
 
     async def _mount(self) -> None:
         """Mount the read-only FUSE view (imported here: the agent runs without FUSE otherwise)."""
@@ -172,6 +216,10 @@ class Agent:
             await self.jobs.close()
         if self.fetcher:
             await self.fetcher.close()
+        if self.sharing is not None:
+            await self.sharing.close()
+            await self.sharing.directory.close()
+            await asyncio.to_thread(self.sharing.swarm.close)
         if self.api:
             self.api.leases.release_all()
         if self.origin:

@@ -1,8 +1,9 @@
 """Making chunks present: cache first, then origin — one fetch per chunk, in priority order.
 
 However many readers wait on a cold chunk, one origin GET fetches it
-(single-flight); the others join that fetch. Sources are tried cache → origin
-(peers slot in between, see DESIGN.md decision 6). A cache disk that is full or
+(single-flight); the others join that fetch. Sources are tried cache → peers →
+origin (peers when P2P is on and the file is shared, see :mod:`.sharing` and
+:mod:`.peers`). A cache disk that is full or
 failing never fails a read: the bytes fetched from origin are handed to the
 waiters straight from memory, and the failure is logged and counted.
 
@@ -17,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING, Any
 
 from .errors import CacheError, CorruptData, ObjectChanged
 from .metrics import AgentMetrics
@@ -24,7 +26,16 @@ from .origin import ObjectInfo, Origin, finish_in_thread
 from .slots import Slots, Waiter
 from .store import ChunkStore, Entry
 
+if TYPE_CHECKING:
+    from .peers import Torrent
+    from .sharing import Sharing
+
 log = logging.getLogger("coldbrew.fetcher")
+
+
+#: A chunk goes back to waiting on peers at most this many times before the origin is final.
+_ROUNDS = 3
+_NOT_YET = object()
 
 
 class Priority(IntEnum):
@@ -63,6 +74,7 @@ class Fetcher:
         self._flights: dict[tuple[str, int], _Flight] = {}
         self._stats: dict[str, tuple[float, ObjectInfo]] = {}
         self._prefetch: dict[str, asyncio.Task[None]] = {}
+        self.sharing: Sharing | None = None  # set by the agent when P2P is on
 
     # --- files ----------------------------------------------------------------------
 
@@ -86,7 +98,10 @@ class Fetcher:
                          extra={"uri": info.uri, "old_etag": old.identity.etag, "etag": info.etag})
                 self.store.evict(old)
         self.store.touch(entry)
-        return OpenFile(info, entry)
+        f = OpenFile(info, entry)
+        if self.sharing is not None:
+            self.sharing.prepare(f)
+        return f
 
     def forget_stat(self, uri: str) -> None:
         self._stats.pop(uri, None)
@@ -118,12 +133,23 @@ class Fetcher:
         started = time.monotonic()
         self.metrics.inflight_fetches.inc()
         try:
-            async with self.slots.acquire(priority, flight.waiters) as buf:
-                start, end = f.entry.layout.bounds(index)
-                view = memoryview(buf)[: end - start]
-                await self.origin.read_into(f.info, start, view)
-                result = await self._store(f, index, view)
-            self.metrics.chunk_seconds.labels("origin").observe(time.monotonic() - started)
+            torrent = await self.sharing.torrent_for(f) if self.sharing else None
+            result = _NOT_YET
+            for round_ in range(_ROUNDS):
+                verdict = "mine"
+                if torrent is not None and self.sharing:
+                    verdict = await self.sharing.swarm.from_peers(torrent, index)
+                if verdict == "got":
+                    result = None
+                    break
+                # "gave up" (peers too slow) or the last round: no second thoughts.
+                final = verdict == "gave up" or round_ == _ROUNDS - 1
+                result = await self._from_origin(f, index, priority, flight, torrent, final)
+                if result is not _NOT_YET:
+                    self.metrics.chunk_seconds.labels("origin").observe(time.monotonic() - started)
+                    break
+            if self.sharing and f.entry.complete:
+                self.sharing.completed(f)
             flight.future.set_result(result)
         except ObjectChanged as e:
             self.forget_stat(f.info.uri)
@@ -135,6 +161,32 @@ class Fetcher:
         finally:
             self._flights.pop((f.entry.key, index), None)
             self.metrics.inflight_fetches.dec()
+
+    async def _from_origin(self, f: OpenFile, index: int, priority: Priority, flight: _Flight,
+                           torrent: "Torrent | None", final: bool) -> Any:
+        """The chunk from the origin; ``_NOT_YET`` if, by the time a slot was free, it had
+        become another agent's to fetch (then the caller waits on peers again)."""
+        async with self.slots.acquire(priority, flight.waiters) as buf:
+            swarm = self.sharing.swarm if self.sharing else None
+            if torrent is not None and swarm is not None and not final \
+                    and not swarm.still_mine(torrent, index):
+                return _NOT_YET
+            start, end = f.entry.layout.bounds(index)
+            view = memoryview(buf)[: end - start]
+            await self.origin.read_into(f.info, start, view)
+            if torrent is None or swarm is None or swarm.torrent(f.entry.key) is not torrent:
+                return await self._store(f, index, view)
+            # Copied out so the slot's buffer goes back to the next origin read now, not
+            # after libtorrent has hashed and written the piece.
+            piece = await asyncio.to_thread(bytes, view)
+        # libtorrent owns a shared entry's chunk files: the bytes go in through it.
+        try:
+            await swarm.put_piece(torrent, index, piece)
+            return None
+        except CacheError as e:
+            log.warning("cache write failed; serving from memory", extra={
+                "uri": f.info.uri, "chunk": index, "error": str(e)})
+            return piece
 
     async def _store(self, f: OpenFile, index: int, view: memoryview) -> bytes | None:
         try:
@@ -173,6 +225,12 @@ class Fetcher:
         raise CorruptData(f"chunk {index} of {f.info.uri} failed verification twice in a row; "
                           "the cache disk may be failing")
 
+    @property
+    def width(self) -> int:
+        """Chunks worth keeping in flight. With peers, most of them wait on chunks other
+        agents fetch (holding no origin slot), so more keep this agent's origin share busy."""
+        return self.concurrency * (4 if self.sharing else 1)
+
     # --- read-ahead -----------------------------------------------------------------------
 
     def prefetch(self, f: OpenFile, from_index: int = 0,
@@ -210,7 +268,7 @@ class Fetcher:
                 if data is not None:
                     uncached += 1
 
-        workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
+        workers = [asyncio.create_task(worker()) for _ in range(self.width)]
         try:
             await asyncio.gather(*workers)
         finally:

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import xxhash
 
 MANIFEST_FORMAT = 1
+SIDECAR_DIR = ".coldbrew"
 
 
 def digest(data: bytes | bytearray | memoryview) -> str:
@@ -83,14 +84,19 @@ class Manifest:
     identity: FileIdentity
     chunk_size: int
     digests: list[str | None] = field(default_factory=list)
+    #: SHA-1 per chunk (hex): the BitTorrent v1 piece hashes, so peers can share the file.
+    sha1s: list[str | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         count = self.layout.count
-        if not self.digests:
-            self.digests = [None] * count
-        if len(self.digests) != count:
-            raise ValueError(f"manifest for {self.identity.uri} has {len(self.digests)} "
-                             f"digests for {count} chunks")
+        self.digests = self.digests or [None] * count
+        self.sha1s = self.sha1s or [None] * count
+        for name, values, width in (("digests", self.digests, 32), ("sha1", self.sha1s, 40)):
+            if len(values) != count:
+                raise ValueError(f"manifest for {self.identity.uri} has {len(values)} "
+                                 f"{name} for {count} chunks")
+            if any(v is not None and (len(v) != width or not _is_hex(v)) for v in values):
+                raise ValueError(f"manifest for {self.identity.uri}: malformed {name} entry")
 
     @property
     def layout(self) -> ChunkLayout:
@@ -100,6 +106,11 @@ class Manifest:
     def complete(self) -> bool:
         return all(d is not None for d in self.digests)
 
+    @property
+    def shareable(self) -> bool:
+        """Every piece hash is known: the torrent can be built and offered to peers."""
+        return all(h is not None for h in self.sha1s)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": MANIFEST_FORMAT,
@@ -108,6 +119,7 @@ class Manifest:
             "size": self.identity.size,
             "chunk_size": self.chunk_size,
             "digests": self.digests,
+            "sha1": self.sha1s,
         }
 
     @classmethod
@@ -115,13 +127,39 @@ class Manifest:
         if data.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"unsupported manifest format {data.get('format')!r}")
         identity = FileIdentity(str(data["uri"]), str(data["etag"]), int(data["size"]))
-        return cls(identity, int(data["chunk_size"]), list(data["digests"]))
+        return cls(identity, int(data["chunk_size"]), list(data["digests"]),
+                   list(data.get("sha1") or []))
 
     def dumps(self) -> bytes:
         return json.dumps(self.to_json(), separators=(",", ":")).encode()
 
 
-def parse_journal(lines: Iterable[bytes], count: int) -> dict[int, str]:
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
+def sidecar_uri(uri: str) -> str:
+    """Where ``coldbrew publish`` puts the manifest of ``uri``: a ``.coldbrew/`` folder beside it.
+
+    ``s3://b/llama/model.safetensors`` → ``s3://b/llama/.coldbrew/model.safetensors.manifest.json``
+    """
+    head, _, name = uri.rpartition("/")
+    if not name or "://" not in uri or head.endswith(":/"):
+        raise ValueError(f"{uri!r} does not name an object")
+    return f"{head}/{SIDECAR_DIR}/{name}.manifest.json"
+
+
+def is_sidecar(uri_or_path: str) -> bool:
+    """True for anything inside a ``.coldbrew/`` sidecar folder (hidden from listings)."""
+    return f"/{SIDECAR_DIR}/" in uri_or_path or uri_or_path.startswith(f"{SIDECAR_DIR}/")
+
+
+def chunk_name(index: int) -> str:
+    """A chunk's file name in its cache entry (and in the entry's torrent)."""
+    return f"{index:08d}"
+
+
+def parse_journal(lines: Iterable[bytes], count: int, width: int = 32) -> dict[int, str]:
     """Read a digest journal: one ``<index> <digest>`` line per completed chunk.
 
     A torn last line (a crash mid-append) or a line that does not parse is
@@ -130,7 +168,7 @@ def parse_journal(lines: Iterable[bytes], count: int) -> dict[int, str]:
     out: dict[int, str] = {}
     for line in lines:
         parts = line.split()
-        if len(parts) != 2 or not parts[0].isdigit() or len(parts[1]) != 32:
+        if len(parts) != 2 or not parts[0].isdigit() or len(parts[1]) != width:
             continue
         index = int(parts[0])
         if 0 <= index < count:

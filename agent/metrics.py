@@ -65,6 +65,23 @@ class AgentMetrics:
             "coldbrew_prewarm_bytes_done", "Bytes of unfinished prewarm jobs already cached",
             registry=r)
         self.ready = Gauge("coldbrew_ready", "1 when the agent is ready to serve", registry=r)
+        self.p2p_peers = Gauge(
+            "coldbrew_p2p_peers", "Other agents found (static list and DNS) that answer", registry=r)
+        self.p2p_connections = Gauge(
+            "coldbrew_p2p_connections", "BitTorrent connections to peers, over all files", registry=r)
+        self.p2p_torrents = Gauge(
+            "coldbrew_p2p_torrents", "Files offered to and fetched from peers", registry=r)
+        self.p2p_received_bytes = Counter(
+            "coldbrew_p2p_received_bytes",
+            "Chunk bytes received from peers and verified (origin egress saved)", registry=r)
+        self.p2p_sent_bytes = Counter(
+            "coldbrew_p2p_sent_bytes", "Chunk bytes served to peers", registry=r)
+        self.p2p_peers_banned = Counter(
+            "coldbrew_p2p_peers_banned", "Peers banned for sending bytes that failed verification",
+            registry=r)
+        self.p2p_manifests = Counter(
+            "coldbrew_p2p_manifests", "File manifests found, by where (sidecar, peer, built)",
+            ["source"], registry=r)
         for source in SOURCES:
             self.bytes_served.labels(source)
             self.corrupt_chunks.labels(source)

@@ -33,7 +33,7 @@ from .errors import (
     TransientOriginError,
     UsageError,
 )
-from .manifest import FileIdentity
+from .manifest import SIDECAR_DIR, FileIdentity, is_sidecar
 from .metrics import AgentMetrics
 from .retry import RetryPolicy, with_retries
 
@@ -262,7 +262,8 @@ class Origin:
             return [ObjectInfo(uri, int(info["size"]), _etag_of(info), _mtime_of(info))]
         found = await self._call("list", uri, self._find, uri)
         out = [ObjectInfo(self._uri(path), int(i["size"]), _etag_of(i), _mtime_of(i))
-               for path, i in sorted(found.items()) if i.get("type", "file") == "file"]
+               for path, i in sorted(found.items())
+               if i.get("type", "file") == "file" and not is_sidecar(path)]
         if not out:
             raise ObjectNotFound(f"{uri}: no objects under this prefix")
         return out
@@ -273,7 +274,10 @@ class Origin:
         out = []
         for item in sorted(items, key=lambda i: i["name"]):
             is_dir = item.get("type") == "directory"
-            entry = {"uri": self._uri(item["name"]), "name": item["name"].rstrip("/").rsplit("/", 1)[-1],
+            name = item["name"].rstrip("/").rsplit("/", 1)[-1]
+            if name == SIDECAR_DIR:  # coldbrew's own manifests, not part of the models
+                continue
+            entry = {"uri": self._uri(item["name"]), "name": name,
                      "type": "directory" if is_dir else "file", "size": int(item.get("size") or 0)}
             if not is_dir:
                 entry["etag"] = _etag_of(item)
@@ -327,6 +331,29 @@ class Origin:
         if self.is_s3:
             return await self.fs._find(self._path(uri), detail=True)
         return await asyncio.to_thread(self.fs.find, self._path(uri), detail=True)
+
+    # --- small objects (manifest sidecars) ----------------------------------------
+
+    async def read_small(self, uri: str) -> bytes | None:
+        """A whole small object, or None if it does not exist."""
+        async def cat() -> bytes:
+            if self.is_s3:
+                return await self.fs._cat_file(self._path(uri))
+            return await asyncio.to_thread(self.fs.cat_file, self._path(uri))
+
+        try:
+            return await self._call("get", uri, cat)
+        except ObjectNotFound:
+            return None
+
+    async def write_small(self, uri: str, data: bytes) -> None:
+        async def pipe() -> None:
+            if self.is_s3:
+                await self.fs._pipe_file(self._path(uri), data)
+            else:
+                await asyncio.to_thread(self.fs.pipe_file, self._path(uri), data)
+
+        await self._call("put", uri, pipe)
 
     # --- data -----------------------------------------------------------------
 

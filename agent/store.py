@@ -8,6 +8,8 @@ Layout (a versioned contract — the version is in the path; tests pin it)::
         files/<kk>/<key>/        one entry per (uri, etag, size); key = FileIdentity.key()
             meta.json            identity + chunk size, written once (temp + rename)
             journal              "<index> <xxh3-128>\\n" appended after each chunk lands
+            pieces               "<index> <sha1>\\n": BitTorrent piece hashes (P2P on only)
+            manifest.json        the file's whole manifest, once every piece hash is known
             used                 empty; its mtime is the entry's last use (for LRU)
             chunks/00000000 ...  raw chunk bytes, one file per chunk, exactly as at origin
 
@@ -38,13 +40,16 @@ import os
 import shutil
 import threading
 import time
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import eviction
 from .errors import CacheError, CacheFull, CorruptData, FileBusy
-from .manifest import ChunkLayout, FileIdentity, digest, journal_line, parse_journal
+from .manifest import (ChunkLayout, FileIdentity, Manifest, chunk_name, digest, journal_line,
+                       parse_journal)
 from .metrics import AgentMetrics
 
 log = logging.getLogger("coldbrew.store")
@@ -70,10 +75,6 @@ def _read_journal(path: Path) -> list[bytes]:
     return data[:end].splitlines()
 
 
-def chunk_name(index: int) -> str:
-    return f"{index:08d}"
-
-
 @dataclass
 class Entry:
     """One cached file: what is known about its chunks (in memory; disk is the truth)."""
@@ -83,6 +84,7 @@ class Entry:
     path: Path
     digests: dict[int, str] = field(default_factory=dict)  # every digest ever verified
     present: set[int] = field(default_factory=set)  # chunks whose file is on disk
+    sha1s: dict[int, str] = field(default_factory=dict)  # piece hashes known (P2P)
     last_used: float = 0.0
 
     @property
@@ -105,6 +107,13 @@ class Entry:
     def chunk_path(self, index: int) -> Path:
         return self.path / "chunks" / chunk_name(index)
 
+    def manifest(self) -> Manifest:
+        """What is known so far: digests and piece hashes of the chunks seen."""
+        count = self.layout.count
+        return Manifest(self.identity, self.chunk_size,
+                        [self.digests.get(i) for i in range(count)],
+                        [self.sha1s.get(i) for i in range(count)])
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -114,11 +123,16 @@ class Limits:
 
 class ChunkStore:
     def __init__(self, cache_dir: Path, chunk_size: int, limits: Limits,
-                 metrics: AgentMetrics | None = None) -> None:
+                 metrics: AgentMetrics | None = None, piece_hashes: bool = False) -> None:
         self.root = Path(cache_dir) / LAYOUT_VERSION
         self.chunk_size = chunk_size
         self.limits = limits
         self.metrics = metrics
+        #: Also record each chunk's SHA-1 (the torrent piece hash) as it is written.
+        self.piece_hashes = piece_hashes
+        #: Called (with the store lock held, before any file goes) when an entry loses a
+        #: chunk or is evicted: P2P must stop serving those files first.
+        self.on_change: list[Callable[[Entry], None]] = []
         self._lock = threading.RLock()
         self._entries: dict[str, Entry] = {}
         self._pins: Counter[str] = Counter()
@@ -181,6 +195,7 @@ class ChunkStore:
             return
         layout = entry.layout
         entry.digests = parse_journal(_read_journal(path / "journal"), layout.count)
+        entry.sha1s = parse_journal(_read_journal(path / "pieces"), layout.count, width=40)
         for chunk in (path / "chunks").glob("*"):
             index = int(chunk.name) if chunk.name.isdigit() else -1
             ok = (index in entry.digests and chunk.is_file()
@@ -315,6 +330,7 @@ class ChunkStore:
 
     def drop_chunk(self, entry: Entry, index: int) -> None:
         with self._lock:
+            self._notify(entry)
             if index in entry.present:
                 entry.present.discard(index)
                 self._used -= entry.layout.length(index)
@@ -338,24 +354,105 @@ class ChunkStore:
                               "than before (digest mismatch)")
         if index not in entry.present:  # rewriting a present chunk needs no new room
             self._make_room(len(data), entry)
+        sha1 = (hashlib.sha1(data).hexdigest()
+                if self.piece_hashes and index not in entry.sha1s else None)
         tmp = self.root / "tmp" / f"{entry.key}.{index}.{os.getpid()}.{threading.get_ident()}"
         try:
             self._write_file(tmp, data)
             os.rename(tmp, entry.chunk_path(index))
-            if known is None:
-                with open(entry.path / "journal", "ab") as f:
-                    f.write(journal_line(index, chunk_digest))
+            self._journal(entry, index, chunk_digest if known is None else None, sha1)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             entry.chunk_path(index).unlink(missing_ok=True)
             raise self._write_error(e, entry) from e
+        self._mark_present(entry, index, chunk_digest, sha1)
+        return chunk_digest
+
+    def adopt_chunk(self, entry: Entry, index: int, sha1: str) -> str:
+        """Take in chunk ``index`` that libtorrent wrote in place and checked against ``sha1``.
+
+        The file is read back (page cache: it was just written) for its xxh3 digest,
+        then journaled like any other chunk. Returns the digest.
+        """
+        path = entry.chunk_path(index)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise CacheError(f"cannot read chunk {index} of {entry.identity.uri} from peers: {e}"
+                             ) from e
+        if len(data) != entry.layout.length(index):
+            raise CorruptData(f"chunk {index} of {entry.identity.uri} from peers has "
+                              f"{len(data)} bytes, expected {entry.layout.length(index)}")
+        chunk_digest = digest(data)
+        known = entry.digests.get(index)
+        if known is not None and known != chunk_digest:
+            raise CorruptData(f"chunk {index} of {entry.identity.uri} from peers differs from "
+                              "the bytes verified before (digest mismatch)")
+        if index not in entry.present:
+            try:
+                self._make_room(len(data), entry)
+            except CacheFull:
+                path.unlink(missing_ok=True)
+                raise
+        try:
+            self._journal(entry, index, chunk_digest if known is None else None,
+                          sha1 if index not in entry.sha1s else None)
+        except OSError as e:
+            raise self._write_error(e, entry) from e
+        self._mark_present(entry, index, chunk_digest, sha1)
+        return chunk_digest
+
+    @staticmethod
+    def _journal(entry: Entry, index: int, chunk_digest: str | None, sha1: str | None) -> None:
+        if chunk_digest is not None:
+            with open(entry.path / "journal", "ab") as f:
+                f.write(journal_line(index, chunk_digest))
+        if sha1 is not None:
+            with open(entry.path / "pieces", "ab") as f:
+                f.write(journal_line(index, sha1))
+
+    def _mark_present(self, entry: Entry, index: int, chunk_digest: str, sha1: str | None) -> None:
         with self._lock:
             entry.digests[index] = chunk_digest
+            if sha1 is not None:
+                entry.sha1s[index] = sha1
             if index not in entry.present:
                 entry.present.add(index)
-                self._used += len(data)
+                self._used += entry.layout.length(index)
         self._publish_gauges()
-        return chunk_digest
+
+    def piece_hash(self, entry: Entry, index: int) -> str:
+        """SHA-1 of present chunk ``index`` (read from disk, verified, and journaled once)."""
+        found = entry.sha1s.get(index)
+        if found is not None:
+            return found
+        sha1 = hashlib.sha1(self.read_verified(entry, index)).hexdigest()
+        try:
+            self._journal(entry, index, None, sha1)
+        except OSError as e:
+            raise self._write_error(e, entry) from e
+        entry.sha1s[index] = sha1
+        return sha1
+
+    def save_manifest(self, entry: Entry, manifest: Manifest) -> None:
+        """Keep a shareable manifest with the entry (so a restart can seed without rehashing)."""
+        try:
+            self._atomic_write(entry.path / "manifest.json", manifest.dumps())
+        except OSError as e:
+            raise self._write_error(e, entry) from e
+
+    def load_manifest(self, entry: Entry) -> Manifest | None:
+        try:
+            manifest = Manifest.from_json(json.loads((entry.path / "manifest.json").read_bytes()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring unreadable manifest", extra={"uri": entry.identity.uri,
+                                                               "error": str(e)})
+            return None
+        if manifest.identity != entry.identity or manifest.chunk_size != entry.chunk_size:
+            return None
+        return manifest
 
     @staticmethod
     def _write_file(path: Path, data: memoryview) -> None:
@@ -426,6 +523,7 @@ class ChunkStore:
             return self._evict_locked(entry, reason="request")
 
     def _evict_locked(self, entry: Entry, reason: str) -> int:
+        self._notify(entry)
         freed = entry.cached_bytes
         self._entries.pop(entry.key, None)
         self._used -= freed
@@ -437,6 +535,14 @@ class ChunkStore:
         log.info("evicted", extra={"uri": entry.identity.uri, "bytes": freed, "reason": reason})
         self._publish_gauges()
         return freed
+
+    def _notify(self, entry: Entry) -> None:
+        for hook in self.on_change:
+            try:
+                hook(entry)
+            except Exception as e:  # noqa: BLE001 - a hook must never stop an eviction
+                log.warning("cache change hook failed", extra={"uri": entry.identity.uri,
+                                                                "error": str(e)})
 
     def _publish_gauges(self) -> None:
         if self.metrics:

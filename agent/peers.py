@@ -1,0 +1,535 @@
+"""Chunks from other agents: one libtorrent session, one torrent per shared cache entry.
+
+How a chunk moves (DESIGN.md decision 6):
+
+* The torrent's files are the entry's chunk files (:mod:`.torrent`), so libtorrent
+  serves and writes the cache's own bytes — never a second copy. It verifies every
+  piece against its SHA-1 before we hear of it; a peer that sent bad bytes is banned.
+* Every piece starts at priority 0: libtorrent fetches nothing on its own. The
+  fetcher asks for one chunk at a time (:meth:`Swarm.from_peers`, a piece deadline),
+  in the order readers need them, and gives up on peers after ``p2p_chunk_timeout_s``
+  — then the chunk comes from the origin. Never a stall.
+* Once a torrent is attached, libtorrent owns the entry's chunk files: origin bytes
+  go in through ``add_piece`` (:meth:`Swarm.put_piece`), so two writers never meet
+  in one file. A finished piece is adopted into the store (xxh3 digest + journal).
+* When several agents want a chunk nobody has, only its stripe owner fetches it from
+  the origin; the others wait for it to appear in the swarm (:func:`stripe_owner`).
+  Members are this agent plus connected peers that are still making progress, so an
+  idle or dead peer never holds a stripe hostage for long.
+
+libtorrent runs its own threads; this module adds one more that waits for alerts
+and, every tick, snapshots piece availability and members for the asyncio side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CacheError, CorruptData, ObjectChanged
+from .manifest import Manifest
+from .metrics import AgentMetrics
+from .store import ChunkStore, Entry
+from .torrent import stripe_owner, torrent_bytes
+
+log = logging.getLogger("coldbrew.peers")
+
+TICK_S = 0.1
+#: A peer whose piece count has not moved for this long no longer owns stripes. Long
+#: enough for a peer's first origin chunks to land on a throttled origin.
+ACTIVE_S = 10.0
+#: After a torrent is attached, the longest it waits for the peers that already share
+#: the file to connect before striping without them. Handshakes take ~1 s when an
+#: upload cap is set (libtorrent meters them through the rate limiter), more on a busy node.
+JOIN_S = 5.0
+#: After attaching a file, an agent waits this long for agents that start loading it at the
+#: same moment (a rollout) before striping without them — for files big enough to matter;
+#: a small file is cheaper to fetch twice than to wait for.
+FIRST_S = 1.0
+FIRST_MIN_CHUNKS = 4
+#: How long a peer whose connection dropped is waited for (it is reconnected meanwhile).
+LOST_S = 1.5
+#: How long a peer is connected before its piece count is trusted (its bitfield arrived).
+SETTLE_S = 0.3
+#: How often a torrent that someone waits on retries connecting to missing peers.
+RECONNECT_S = 0.5
+#: Most chunks asked of peers at once (per agent).
+PEER_WINDOW = 16
+#: A chunk nobody has is waited for at most this many chunk timeouts (its owner is alive).
+UNAVAILABLE_TIMEOUTS = 6
+#: Longest libtorrent may take to write and hash one origin chunk handed to it.
+PUT_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class P2PSettings:
+    address: str
+    bt_port: int
+    upload_limit: int  # bytes/s, 0 = no cap
+    chunk_timeout_s: float
+
+
+@dataclass
+class Torrent:
+    entry: Entry
+    manifest: Manifest
+    handle: Any  # lt.torrent_handle
+    attached_at: float
+    availability: list[int] = field(default_factory=list)
+    snapshot_at: float = 0.0  # when availability and members were last refreshed
+    reconnected_at: float = 0.0
+    expected: set[bytes] | None = None  # peer ids known to share the file too (None: not asked yet)
+    members: tuple[bytes, ...] = ()
+    connected: int = 0
+    #: peer id → (pieces it has, when that last changed, when first seen)
+    progress: dict[bytes, tuple[int, float, float]] = field(default_factory=dict)
+    settled: set[bytes] = field(default_factory=set)  # peers connected long enough to judge
+    lost: dict[bytes, float] = field(default_factory=dict)  # peer id → when its connection went
+    waiters: dict[int, asyncio.Future[str]] = field(default_factory=dict)
+    from_origin: set[int] = field(default_factory=set)
+    tick: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def key(self) -> str:
+        return self.entry.key
+
+
+class Swarm:
+    def __init__(self, settings: P2PSettings, agent_id: str, store: ChunkStore,
+                 metrics: AgentMetrics, loop: asyncio.AbstractEventLoop) -> None:
+        import libtorrent as lt
+
+        self.lt = lt
+        self.settings = settings
+        self.pid = _pid(agent_id)
+        self.store = store
+        self.metrics = metrics
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._torrents: dict[str, Torrent] = {}
+        self._by_hash: dict[str, str] = {}  # info-hash → entry key
+        self._endpoints: dict[bytes, tuple[str, int]] = {}  # peer id → libtorrent address
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_stats = 0.0
+        self._sent = 0
+        self._asked = 0  # pieces requested from peers now, over all torrents (event loop only)
+        self.session = self._make_session()
+
+    # --- session ------------------------------------------------------------------
+
+    def _make_session(self) -> Any:
+        lt = self.lt
+        s = self.settings
+        pack = {
+            "listen_interfaces": f"{s.address}:{s.bt_port}",
+            "enable_dht": False, "enable_lsd": False, "enable_upnp": False, "enable_natpmp": False,
+            # TCP only: one port to open in a firewall or NetworkPolicy.
+            "enable_incoming_utp": False, "enable_outgoing_utp": False,
+            "allow_multiple_connections_per_ip": True,  # several agents per host in tests
+            # Plaintext: peers are the cluster's own nodes, and RC4 would only cost CPU and
+            # handshake round trips.
+            "out_enc_policy": int(lt.enc_policy.pe_disabled),
+            "in_enc_policy": int(lt.enc_policy.pe_disabled),
+            "tick_interval": 100,  # ms; the rate limiter and handshakes react faster
+            # Fewer, larger socket writes per 16 MiB piece (LAN and loopback peers are fast).
+            "send_buffer_watermark": 8 << 20, "send_buffer_low_watermark": 1 << 20,
+            "close_redundant_connections": False,  # a finished peer must stay connected to serve
+            "peer_fingerprint": self.pid.decode("ascii", "replace"),
+            "upload_rate_limit": s.upload_limit,
+            "alert_mask": int(lt.alert_category.error | lt.alert_category.status
+                              | lt.alert_category.peer | lt.alert_category.piece_progress
+                              | lt.alert_category.storage),
+            "alert_queue_size": 100_000,
+            "user_agent": "coldbrew",
+        }
+        params = lt.session_params(pack)
+        # The default (mmap) backend can report a piece finished before its bytes are in
+        # the file; the posix one writes first — and measured faster here.
+        params.disk_io_constructor = "posix_disk_io_constructor"
+        session = lt.session(params)
+        # Peers on the LAN or loopback land in libtorrent's "local" class, which has no
+        # rate limit; put every address in the global class so the upload cap holds.
+        f = lt.ip_filter()
+        f.add_rule("0.0.0.0", "255.255.255.255", 1 << session.global_peer_class_id)
+        f.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1 << session.global_peer_class_id)
+        session.set_peer_class_filter(f)
+        return session
+
+    def start(self) -> None:
+        deadline = time.monotonic() + 10
+        while self.session.listen_port() == 0 and time.monotonic() < deadline:
+            for a in self.session.pop_alerts():
+                if isinstance(a, self.lt.listen_failed_alert):
+                    raise CacheError(f"P2P: cannot listen on {self.settings.address}:"
+                                     f"{self.settings.bt_port}: {a.message()}")
+            self.session.wait_for_alert(100)
+        if self.session.listen_port() == 0:
+            raise CacheError(f"P2P: libtorrent did not start listening on "
+                             f"{self.settings.address}:{self.settings.bt_port}")
+        self._thread = threading.Thread(target=self._alert_loop, name="p2p-alerts", daemon=True)
+        self._thread.start()
+        log.info("p2p session listening", extra={"port": self.session.listen_port()})
+
+    @property
+    def bt_port(self) -> int:
+        return int(self.session.listen_port())
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
+            for t in self._torrents.values():
+                self.session.remove_torrent(t.handle)
+            self._torrents.clear()
+
+    # --- peers ----------------------------------------------------------------------
+
+    def set_endpoints(self, endpoints: dict[str, tuple[str, int]]) -> None:
+        """The other agents (agent id → libtorrent address); every torrent connects to them all."""
+        self._endpoints = {_pid(agent_id): ep for agent_id, ep in endpoints.items()}
+        with self._lock:
+            torrents = list(self._torrents.values())
+        for t in torrents:
+            self._connect(t)
+
+    def _connect(self, t: Torrent, skip: set[bytes] | frozenset[bytes] = frozenset()) -> None:
+        for pid, ep in list(self._endpoints.items()):
+            if pid not in skip:
+                t.handle.connect_peer(ep)
+
+    # --- torrents ---------------------------------------------------------------------
+
+    def torrent(self, key: str) -> Torrent | None:
+        with self._lock:
+            return self._torrents.get(key)
+
+    def manifests(self) -> dict[str, Manifest]:
+        with self._lock:
+            return {k: t.manifest for k, t in self._torrents.items()}
+
+    def attach(self, entry: Entry, manifest: Manifest) -> Torrent:
+        """Offer ``entry`` to peers (its present chunks) and make its missing ones fetchable."""
+        lt = self.lt
+        with self._lock:
+            found = self._torrents.get(entry.key)
+            if found is not None:
+                return found
+            info = lt.torrent_info(torrent_bytes(manifest))
+            n = info.num_pieces()
+            atp = lt.add_torrent_params()
+            atp.ti = info
+            atp.save_path = str(entry.path)
+            # Not auto-managed: the queue must never pause a torrent a reader waits on.
+            atp.flags = (lt.torrent_flags.update_subscribe | lt.torrent_flags.apply_ip_filter
+                         | lt.torrent_flags.disable_dht | lt.torrent_flags.disable_lsd
+                         | lt.torrent_flags.disable_pex)
+            present = set(entry.present)
+            atp.have_pieces = [i in present for i in range(n)]  # trust the journal: no recheck
+            atp.piece_priorities = [0] * n  # nothing is fetched unless the fetcher asks
+            handle = self.session.add_torrent(atp)
+            t = Torrent(entry, manifest, handle, time.monotonic(), availability=[0] * n)
+            self._torrents[entry.key] = t
+            self._by_hash[str(info.info_hashes().v1)] = entry.key
+        self._connect(t)
+        self.metrics.p2p_torrents.set(len(self._torrents))
+        log.info("sharing with peers", extra={"uri": entry.identity.uri, "chunks": n,
+                                              "present": len(present)})
+        return t
+
+    def expect(self, t: Torrent, agent_ids: set[str]) -> None:
+        """These agents share ``t``'s file too: wait for them to connect before striping."""
+        t.expected = (t.expected or set()) | {_pid(a) for a in agent_ids}
+
+    def detach(self, key: str) -> None:
+        """Stop sharing an entry (before its files go). Waiters fall back to the origin."""
+        with self._lock:
+            t = self._torrents.pop(key, None)
+            if t is None:
+                return
+            self._by_hash = {h: k for h, k in self._by_hash.items() if k != key}
+        self.session.remove_torrent(t.handle)
+        self.metrics.p2p_torrents.set(len(self._torrents))
+        for fut in list(t.waiters.values()):
+            self.loop.call_soon_threadsafe(_settle, fut, "gone")
+
+    # --- fetching -----------------------------------------------------------------------
+
+    async def from_peers(self, t: Torrent, index: int) -> str:
+        """Try to get chunk ``index`` from peers into the cache.
+
+        ``"got"``: it is cached. ``"mine"``: nobody has it and this agent is the one to
+        fetch it from the origin. ``"gave up"``: peers were too slow or left; use the origin.
+        """
+        if self.store.has(t.entry, index):
+            return "got"
+        fut: asyncio.Future[str] = self.loop.create_future()
+        t.waiters[index] = fut
+        requested_at: float | None = None
+        started = time.monotonic()
+        # A chunk asked of a peer must come within chunk_timeout_s. One nobody has yet is
+        # waited for as long as its owner is an active member (an owner that stops making
+        # progress or leaves loses its stripes), with a generous cap so nothing waits forever.
+        give_up_at = started + self.settings.chunk_timeout_s * UNAVAILABLE_TIMEOUTS
+        try:
+            while not fut.done():
+                if self.store.has(t.entry, index):
+                    return "got"  # it finished between two looks (or another path brought it)
+                now = time.monotonic()
+                available = index < len(t.availability) and t.availability[index] > 0
+                if available and requested_at is None and self._asked < PEER_WINDOW:
+                    # A few pieces at a time, each at full speed, rather than many that all
+                    # crawl (and would all miss their timeout on a busy node).
+                    t.handle.set_piece_deadline(index, 0)
+                    requested_at = now
+                    self._asked += 1
+                elif not available and requested_at is not None:
+                    # The peers that had it left: stop asking, decide again.
+                    self._cancel(t, index)
+                    requested_at = None
+                    self._asked -= 1
+                if requested_at is None and not available and self._mine(t, index):
+                    log.debug("fetching our stripe from the origin", extra={
+                        "uri": t.entry.identity.uri, "chunk": index, "members": len(t.members)})
+                    return "mine"
+                slow = requested_at is not None and now - requested_at > self.settings.chunk_timeout_s
+                if slow or now >= give_up_at:
+                    log.info("peers too slow for a chunk; using the origin", extra={
+                        "uri": t.entry.identity.uri, "chunk": index,
+                        "waited_s": round(now - started, 1), "requested": requested_at is not None})
+                    return "gave up"
+                t.tick.clear()
+                tick = asyncio.ensure_future(t.tick.wait())
+                try:
+                    await asyncio.wait([tick, fut], timeout=TICK_S * 3,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    tick.cancel()
+            if fut.result() == "ok":
+                self.metrics.chunk_seconds.labels("peer").observe(time.monotonic() - started)
+                return "got"
+            return "gave up"
+        finally:
+            t.waiters.pop(index, None)
+            if requested_at is not None:
+                self._asked -= 1
+                if not (fut.done() and fut.result() == "ok"):
+                    self._cancel(t, index)
+
+    def _mine(self, t: Torrent, index: int) -> bool:
+        """Should this agent fetch chunk ``index`` from the origin itself?"""
+        if not self._endpoints:
+            return True  # no other agent to get it from
+        now = time.monotonic()
+        if now - t.snapshot_at > TICK_S * 2:
+            return False  # a stale view: look again first
+        age = now - t.attached_at
+        waiting_for = t.expected if t.expected is not None else self._endpoints.keys()
+        if age < JOIN_S and not waiting_for <= t.settled:
+            return False  # peers are still connecting: one of them may own this chunk
+        if any(now - when < LOST_S for pid, when in t.lost.items() if pid not in t.progress):
+            return False  # a peer that may hold it just dropped off: it is being reconnected
+        if age < FIRST_S and len(t.availability) >= FIRST_MIN_CHUNKS \
+                and not self._endpoints.keys() <= t.settled:
+            return False  # agents starting this file at the same moment get a moment to join
+        members = t.members or (self.pid,)
+        return stripe_owner(index, t.key, members) == self.pid
+
+    def still_mine(self, t: Torrent, index: int) -> bool:
+        """Re-check, once an origin slot is free, a decision made while waiting for it:
+        peers that joined since may own the chunk now, or already have it."""
+        if index < len(t.availability) and t.availability[index] > 0:
+            return False
+        members = t.members or (self.pid,)
+        return stripe_owner(index, t.key, members) == self.pid
+
+    def _cancel(self, t: Torrent, index: int) -> None:
+        t.handle.reset_piece_deadline(index)
+        t.handle.piece_priority(index, 0)
+
+    async def put_piece(self, t: Torrent, index: int, piece: bytes) -> None:
+        """Hand origin bytes of chunk ``index`` to libtorrent, which writes and checks them.
+
+        Raises :class:`ObjectChanged` if they fail the manifest's piece hash, and
+        :class:`CacheError` if they could not be cached (the caller serves them from memory).
+        """
+        fut: asyncio.Future[str] = self.loop.create_future()
+        t.waiters[index] = fut
+        t.from_origin.add(index)
+        try:
+            if self.store.has(t.entry, index):
+                return  # a peer's copy landed meanwhile; libtorrent would ignore ours
+            t.handle.add_piece(index, piece, self.lt.add_piece_flags_t.overwrite_existing)
+            outcome = await self._outcome(t, index, fut)
+            if outcome == "bad":
+                raise ObjectChanged(f"{t.entry.identity.uri}: chunk {index} from the origin does not "
+                                    "match the file's published manifest (a stale manifest, or the "
+                                    "object changed under the same ETag); publish it again")
+            if outcome != "ok":
+                raise CacheError(f"{t.entry.identity.uri}: chunk {index} not cached ({outcome})")
+        finally:
+            t.waiters.pop(index, None)
+            t.from_origin.discard(index)
+
+    async def _outcome(self, t: Torrent, index: int, fut: asyncio.Future[str]) -> str:
+        """Wait for libtorrent's verdict on a piece we handed it, or see it land another way."""
+        deadline = time.monotonic() + PUT_TIMEOUT_S
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), timeout=TICK_S * 5)
+            except asyncio.TimeoutError:
+                if self.store.has(t.entry, index):
+                    return "ok"
+                if time.monotonic() >= deadline:
+                    return "timed out"
+
+    # --- the alert thread -----------------------------------------------------------------
+
+    def _alert_loop(self) -> None:
+        next_tick = time.monotonic()
+        while not self._stop.is_set():
+            self.session.wait_for_alert(int(TICK_S * 1000))
+            for alert in self.session.pop_alerts():
+                try:
+                    self._on_alert(alert)
+                except Exception as e:  # noqa: BLE001 - the loop must survive any one alert
+                    log.warning("p2p alert handling failed", extra={"error": repr(e)})
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + TICK_S
+                self._tick()
+
+    def _find(self, alert: Any) -> Torrent | None:
+        try:
+            key = self._by_hash.get(str(alert.handle.info_hashes().v1))
+        except Exception:  # noqa: BLE001 - a handle of a torrent already removed
+            return None
+        return self.torrent(key) if key else None
+
+    def _on_alert(self, alert: Any) -> None:
+        lt = self.lt
+        if isinstance(alert, lt.session_stats_alert):
+            self._on_stats(alert)
+        elif isinstance(alert, lt.piece_finished_alert):
+            t = self._find(alert)
+            if t is not None:
+                self._adopt(t, int(alert.piece_index))
+        elif isinstance(alert, lt.hash_failed_alert):
+            t = self._find(alert)
+            index = int(alert.piece_index)
+            if t is not None and index in t.from_origin:
+                fut = t.waiters.get(index)
+                if fut is not None:
+                    self.loop.call_soon_threadsafe(_settle, fut, "bad")
+            else:
+                self.metrics.corrupt_chunks.labels("peer").inc()
+                log.warning("a peer sent a bad chunk; it will be banned and the chunk fetched "
+                            "again", extra={"chunk": index,
+                                            "uri": t.entry.identity.uri if t else None})
+        elif isinstance(alert, lt.peer_ban_alert):
+            self.metrics.p2p_peers_banned.inc()
+            log.warning("peer banned for sending bad data", extra={"peer": str(alert.endpoint)})
+        elif isinstance(alert, (lt.torrent_error_alert, lt.file_error_alert)):
+            t = self._find(alert)
+            log.warning("p2p storage error; sharing stops for this file", extra={
+                "uri": t.entry.identity.uri if t else None, "error": alert.message()})
+            if t is not None:
+                self.detach(t.key)
+
+    def _adopt(self, t: Torrent, index: int) -> None:
+        fut = t.waiters.get(index)
+        from_origin = index in t.from_origin
+        sha1 = t.manifest.sha1s[index]
+        assert sha1 is not None
+        try:
+            self.store.adopt_chunk(t.entry, index, sha1)
+            outcome = "ok"
+        except (CacheError, CorruptData) as e:
+            log.warning("chunk not taken into the cache", extra={
+                "uri": t.entry.identity.uri, "chunk": index, "error": str(e)})
+            outcome = "uncached"
+        if outcome == "ok" and not from_origin:
+            self.metrics.p2p_received_bytes.inc(t.entry.layout.length(index))
+        if fut is not None:
+            self.loop.call_soon_threadsafe(_settle, fut, outcome)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        connected = 0
+        with self._lock:
+            torrents = list(self._torrents.values())
+        for t in torrents:
+            if not t.waiters and now - t.snapshot_at < 1.0:
+                connected += t.connected
+                continue  # nobody waits on it: a slower refresh is enough
+            try:
+                peers = t.handle.get_peer_info()
+                availability = list(t.handle.piece_availability())
+            except Exception:  # noqa: BLE001 - removed under us
+                continue
+            connected += len(peers)
+            total = len(t.availability)
+            seen: dict[bytes, tuple[int, float, float]] = {}
+            for p in peers:
+                pid = p.pid.to_bytes()
+                if pid == _NO_PID:
+                    continue  # still connecting: no handshake yet
+                count = int(p.num_pieces)
+                before = t.progress.get(pid)
+                if before is None:
+                    seen[pid] = (count, now, now)
+                else:
+                    seen[pid] = (count, now if before[0] != count else before[1], before[2])
+            for pid in t.progress.keys() - seen.keys():
+                t.lost[pid] = now  # a dropped connection is retried below; give it a moment
+            t.lost = {pid: when for pid, when in t.lost.items() if now - when < LOST_S}
+            t.progress = seen
+            # A peer's bitfield follows its handshake: until it has had a moment to arrive,
+            # a seed looks like an empty peer that would own stripes.
+            settled = {pid for pid, (_, _, first) in seen.items() if now - first >= SETTLE_S}
+            t.settled = settled
+            active = [pid for pid, (count, when, _) in seen.items()
+                      if pid in settled and count < total and now - when < ACTIVE_S]
+            t.members = tuple(sorted({self.pid, *active}))
+            t.availability = availability
+            t.connected = len(peers)
+            t.snapshot_at = now
+            if t.waiters and now - t.reconnected_at > RECONNECT_S:
+                # libtorrent waits long before retrying a failed peer (min_reconnect_time);
+                # a peer that attached this file after we first tried it must not wait that long.
+                t.reconnected_at = now
+                self._connect(t, skip=set(seen))
+            self.loop.call_soon_threadsafe(t.tick.set)
+        self.metrics.p2p_connections.set(connected)
+        if now - self._last_stats > 1.0:
+            self._last_stats = now
+            self.session.post_session_stats()  # answered by a session_stats_alert
+
+    def _on_stats(self, alert: Any) -> None:
+        sent = int(alert.values.get("net.sent_payload_bytes", 0))
+        self.metrics.p2p_sent_bytes.inc(max(0, sent - self._sent))
+        self._sent = sent
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            torrents = list(self._torrents.values())
+        return {"listen_port": self.bt_port, "torrents": len(torrents),
+                "connections": sum(t.connected for t in torrents)}
+
+
+_NO_PID = bytes(20)
+
+
+def _pid(agent_id: str) -> bytes:
+    """An agent's BitTorrent peer id: its id, 20 ASCII bytes (set as the session's fingerprint)."""
+    return agent_id.encode()[:20].ljust(20, b"-")
+
+
+def _settle(fut: asyncio.Future[str], outcome: str) -> None:
+    if not fut.done():
+        fut.set_result(outcome)
+

@@ -1,0 +1,271 @@
+"""Which files are shared with peers, and where their manifests come from.
+
+A file can only be shared once every chunk's SHA-1 is known (the torrent's info-hash
+covers them all). The manifest that carries them is found, in order:
+
+1. beside the entry in the cache (``manifest.json``, kept from an earlier run);
+2. beside the object at the origin (``.coldbrew/<name>.manifest.json``, written by
+   ``coldbrew publish``) — then every agent joins the swarm from the first byte;
+3. from a peer that has it (``GET /v1/peer/manifests/<key>``);
+4. built here, when this agent completes the file from the origin (the SHA-1s are
+   computed as the chunks are written), and then offered to peers through (3).
+
+Whatever a peer or the origin says is checked against the object's own identity
+(URI, ETag, size) and this agent's chunk size before it is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from .. import __version__
+from .discovery import PeerDirectory
+from .manifest import Manifest, sidecar_uri
+from .metrics import AgentMetrics
+from .origin import Origin
+from .peers import FIRST_S, Swarm, Torrent
+from .store import ChunkStore, Entry
+
+if TYPE_CHECKING:
+    from .fetcher import OpenFile
+
+log = logging.getLogger("coldbrew.sharing")
+
+#: After a lookup found no manifest, how long before peers are asked again (a peer
+#: may complete the file meanwhile). The first lookup of a file is awaited, later
+#: ones run in the background.
+RELOOK_S = 2.0
+#: Sidecars change only when someone publishes: ask the origin less often.
+SIDECAR_RELOOK_S = 60.0
+#: How often peers are asked whether they share a newly attached file.
+EXPECT_EVERY_S = 0.2
+#: Longest the first chunk of a file waits for the manifest lookup.
+LOOKUP_WAIT_S = 3.0
+
+
+class Sharing:
+    def __init__(self, swarm: Swarm, directory: PeerDirectory, store: ChunkStore, origin: Origin,
+                 metrics: AgentMetrics) -> None:
+        self.swarm = swarm
+        self.directory = directory
+        self.store = store
+        self.origin = origin
+        self.metrics = metrics
+        self._lookups: dict[str, asyncio.Task[Torrent | None]] = {}
+        self._missed: dict[str, float] = {}
+        self._sidecar_missed: dict[str, float] = {}
+        self._building: dict[str, asyncio.Task[None]] = {}
+        self._warned_chunk_size: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        store.on_change.append(lambda entry: swarm.detach(entry.key))
+
+    async def start(self) -> None:
+        """Share again what an earlier run shared (entries with a saved manifest)."""
+        for entry in self.store.entries():
+            manifest = await asyncio.to_thread(self.store.load_manifest, entry)
+            if manifest is not None and entry.present:
+                self.swarm.attach(entry, manifest)
+
+    # --- finding a torrent -------------------------------------------------------------
+
+    async def torrent_for(self, f: "OpenFile") -> Torrent | None:
+        key = f.entry.key
+        found = self.swarm.torrent(key)
+        if found is not None:
+            return found
+        task = self._lookups.get(key)
+        if task is None:
+            last = self._missed.get(key)
+            if last is not None and time.monotonic() - last < RELOOK_S:
+                return None
+            task = asyncio.create_task(self._lookup(f))
+            self._lookups[key] = task
+            if last is not None:
+                return None  # looked before: don't hold this chunk up, look in the background
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), LOOKUP_WAIT_S)
+        except asyncio.TimeoutError:
+            return None
+
+    async def _lookup(self, f: "OpenFile") -> Torrent | None:
+        key = f.entry.key
+        try:
+            manifest = await asyncio.to_thread(self.store.load_manifest, f.entry)
+            if manifest is None:
+                manifest = await self._from_sidecar(f) or await self._from_peers(f)
+                if manifest is not None:
+                    await asyncio.to_thread(self._save, f.entry, manifest)
+            if manifest is None:
+                self._missed[key] = time.monotonic()
+                return None
+            self._missed.pop(key, None)
+            return self._attach(f.entry, manifest)
+        except Exception as e:  # noqa: BLE001 - P2P is an optimisation: fall back to origin
+            log.warning("manifest lookup failed", extra={"uri": f.info.uri, "error": str(e)})
+            self._missed[key] = time.monotonic()
+            return None
+        finally:
+            self._lookups.pop(key, None)
+
+    def _attach(self, entry: Entry, manifest: Manifest) -> Torrent | None:
+        if self.store.find(entry.key) is not entry:
+            return None  # evicted meanwhile
+        try:
+            t = self.swarm.attach(entry, manifest)
+        except RuntimeError as e:  # libtorrent: e.g. the same torrent still being removed
+            log.info("cannot share yet", extra={"uri": entry.identity.uri, "error": str(e)})
+            self._missed[entry.key] = time.monotonic()
+            return None
+        if t.expected is None:
+            self._background.add(asyncio.create_task(self._expect_peers(t)))
+            self._background = {task for task in self._background if not task.done()}
+        return t
+
+    def prepare(self, f: "OpenFile") -> None:
+        """Start finding ``f``'s manifest now (at open), so peers connect before reads need them."""
+        key = f.entry.key
+        if self.swarm.torrent(key) is None and key not in self._lookups and key not in self._missed:
+            self._lookups[key] = asyncio.create_task(self._lookup(f))
+
+    def _save(self, entry: Entry, manifest: Manifest) -> None:
+        try:
+            self.store.save_manifest(entry, manifest)
+        except Exception as e:  # noqa: BLE001 - only a restart's head start is lost
+            log.info("cannot keep manifest in the cache", extra={"uri": entry.identity.uri,
+                                                                 "error": str(e)})
+
+    def _usable(self, manifest: Manifest, f: "OpenFile", where: str) -> bool:
+        if manifest.identity != f.info.identity:
+            log.info("manifest is for another version; ignored", extra={
+                "uri": f.info.uri, "from": where, "etag": manifest.identity.etag,
+                "current_etag": f.info.etag})
+            return False
+        if manifest.chunk_size != self.store.chunk_size:
+            if f.info.uri not in self._warned_chunk_size:
+                self._warned_chunk_size.add(f.info.uri)
+                log.warning(f"the manifest of {f.info.uri} from {where} uses chunk size "
+                            f"{manifest.chunk_size}, this agent {self.store.chunk_size}; publish "
+                            f"again with --chunk-size {self.store.chunk_size} to share this file",
+                            extra={"uri": f.info.uri})
+            return False
+        return manifest.shareable
+
+    async def _from_sidecar(self, f: "OpenFile") -> Manifest | None:
+        key = f.entry.key
+        last = self._sidecar_missed.get(key)
+        if last is not None and time.monotonic() - last < SIDECAR_RELOOK_S:
+            return None
+        uri = sidecar_uri(f.info.uri)
+        try:
+            raw = await self.origin.read_small(uri)
+            manifest = Manifest.from_json(_loads(raw)) if raw is not None else None
+        except Exception as e:  # noqa: BLE001 - a broken sidecar must not break reads
+            log.warning("unreadable manifest sidecar; ignored", extra={"uri": uri, "error": str(e)})
+            manifest = None
+        if manifest is None or not self._usable(manifest, f, uri):
+            self._sidecar_missed[key] = time.monotonic()
+            return None
+        self.metrics.p2p_manifests.labels("sidecar").inc()
+        return manifest
+
+    async def _from_peers(self, f: "OpenFile") -> Manifest | None:
+        for _, body in await self.directory.fetch_json(f"/v1/peer/manifests/{f.entry.key}"):
+            try:
+                manifest = Manifest.from_json(body)
+            except (ValueError, KeyError, TypeError):
+                continue
+            if self._usable(manifest, f, "a peer"):
+                self.metrics.p2p_manifests.labels("peer").inc()
+                return manifest
+        return None
+
+    async def _expect_peers(self, t: Torrent) -> None:
+        """Tell the swarm which peers already share this file, so it waits for them to connect
+        before fetching chunks they may own — and not a moment longer when there are none."""
+        # Asked a few times while the file is new here: in a rollout, the others attach it
+        # within moments of each other.
+        for _ in range(int(FIRST_S / EXPECT_EVERY_S) + 1):
+            try:
+                answers = await self.directory.fetch_json(f"/v1/peer/manifests/{t.key}")
+            except Exception:  # noqa: BLE001 - then the swarm waits its full join time
+                return
+            self.swarm.expect(t, {peer.agent_id for peer, _ in answers})
+            await asyncio.sleep(EXPECT_EVERY_S)
+
+    # --- building a manifest ------------------------------------------------------------
+
+    def completed(self, f: "OpenFile") -> None:
+        """``f`` is now whole in the cache: build its manifest and share it (in the background)."""
+        key = f.entry.key
+        if self.swarm.torrent(key) is not None or key in self._building or f.info.size == 0:
+            return
+        self._building[key] = asyncio.create_task(self._build(f))
+
+    async def _build(self, f: "OpenFile") -> None:
+        try:
+            manifest = await asyncio.to_thread(self._hash_all, f.entry)
+            if manifest is not None and self.swarm.torrent(f.entry.key) is None:
+                await asyncio.to_thread(self._save, f.entry, manifest)
+                if self._attach(f.entry, manifest) is not None:
+                    self.metrics.p2p_manifests.labels("built").inc()
+        except Exception as e:  # noqa: BLE001 - sharing is optional; reads go on
+            log.warning("cannot share a completed file", extra={"uri": f.info.uri, "error": str(e)})
+        finally:
+            self._building.pop(f.entry.key, None)
+
+    def _hash_all(self, entry: Entry) -> Manifest | None:
+        for i in range(entry.layout.count):
+            if not self.store.has(entry, i):
+                return None  # evicted or dropped meanwhile
+            self.store.piece_hash(entry, i)  # computed as chunks were written; here if not
+        return entry.manifest()
+
+    # --- the peer endpoint ----------------------------------------------------------------
+
+    def peer_app(self, agent_id: str) -> web.Application:
+        """What other agents may ask: who we are, and the manifests of files we share."""
+
+        async def hello(_: web.Request) -> web.Response:
+            return web.json_response({"agent_id": agent_id, "bt_port": self.swarm.bt_port,
+                                      "version": __version__})
+
+        async def manifest(request: web.Request) -> web.Response:
+            found = self.swarm.manifests().get(request.match_info["key"])
+            if found is None:
+                return web.json_response({"error": "not shared here"}, status=404)
+            return web.json_response(found.to_json())
+
+        app = web.Application()
+        app.router.add_get("/v1/peer/hello", hello)
+        app.router.add_get("/v1/peer/manifests/{key}", manifest)
+        return app
+
+    def status(self) -> dict[str, Any]:
+        m = self.metrics
+        return {
+            "peers": sorted(p.base_url for p in self.directory.peers.values()),
+            "unreachable": self.directory.unreachable,
+            **self.swarm.stats(),
+            "bytes_from_peers": int(m.value("coldbrew_p2p_received_bytes_total")),
+            "bytes_to_peers": int(m.value("coldbrew_p2p_sent_bytes_total")),
+            "peers_banned": int(m.value("coldbrew_p2p_peers_banned_total")),
+            "origin_egress_saved_bytes": int(m.value("coldbrew_p2p_received_bytes_total")),
+        }
+
+    async def close(self) -> None:
+        for task in [*self._lookups.values(), *self._building.values(), *self._background]:
+            task.cancel()
+
+
+def _loads(raw: bytes) -> dict[str, Any]:
+    import json
+
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data

@@ -1,0 +1,79 @@
+"""The BitTorrent view of one cache entry, and who fetches which chunk from the origin. Pure.
+
+One torrent per cache entry; its files are the entry's chunk files and one piece
+is one chunk, so libtorrent reads and writes the very bytes the cache holds::
+
+    info = {"coldbrew-key": <FileIdentity.key()>, "name": "chunks", "piece length": chunk_size,
+            "files": [{"length": len_i, "path": ["00000000"]}, ...], "pieces": sha1_0 + sha1_1 + ...}
+
+Every agent builds the info dict from the same manifest (identity, chunk size, SHA-1
+per chunk), so they all agree on the info-hash without talking. ``coldbrew-key`` is
+an extra info key (clients keep unknown keys and hash them): the same bytes under two
+URIs are still two torrents, never "already in session" with the other entry's files.
+
+Striping: when several agents want a file nobody has yet, chunk ``i`` is fetched from
+the origin by one of them only, :func:`stripe_owner`, and the others take it from that
+one — so N agents pull each byte from the origin about once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Sequence
+
+from .manifest import Manifest, chunk_name
+
+
+def bencode(value: Any) -> bytes:
+    """Canonical bencoding (dict keys sorted as raw bytes, as BEP 3 requires)."""
+    if isinstance(value, bool):
+        raise TypeError("bencode has no booleans")
+    if isinstance(value, int):
+        return b"i%de" % value
+    if isinstance(value, str):
+        value = value.encode()
+    if isinstance(value, (bytes, bytearray)):
+        return b"%d:%s" % (len(value), bytes(value))
+    if isinstance(value, list):
+        return b"l" + b"".join(bencode(v) for v in value) + b"e"
+    if isinstance(value, dict):
+        items = sorted((k.encode() if isinstance(k, str) else bytes(k), v) for k, v in value.items())
+        return b"d" + b"".join(bencode(k) + bencode(v) for k, v in items) + b"e"
+    raise TypeError(f"cannot bencode {type(value).__name__}")
+
+
+def info_dict(manifest: Manifest) -> dict[str, Any]:
+    if not manifest.shareable:
+        raise ValueError(f"{manifest.identity.uri}: piece hashes unknown; cannot build its torrent")
+    layout = manifest.layout
+    if layout.count == 0:
+        raise ValueError(f"{manifest.identity.uri} is empty; there is nothing to share")
+    return {
+        "coldbrew-key": manifest.identity.key(),
+        "name": "chunks",
+        "piece length": manifest.chunk_size,
+        "files": [{"length": layout.length(i), "path": [chunk_name(i)]} for i in range(layout.count)],
+        "pieces": b"".join(bytes.fromhex(h) for h in manifest.sha1s if h is not None),
+    }
+
+
+def torrent_bytes(manifest: Manifest) -> bytes:
+    """The .torrent (metainfo) for ``manifest``: just the info dict, no trackers."""
+    return bencode({"info": info_dict(manifest)})
+
+
+def info_hash(manifest: Manifest) -> str:
+    return hashlib.sha1(bencode(info_dict(manifest))).hexdigest()
+
+
+def salt(key: str) -> int:
+    """Per-file rotation of the stripes, so no agent owns chunk 0 of every file."""
+    return int(key[:8], 16)
+
+
+def stripe_owner(index: int, key: str, members: Sequence[bytes]) -> bytes:
+    """The member that fetches chunk ``index`` from the origin (members: peer ids, any order)."""
+    if not members:
+        raise ValueError("no members")
+    ordered = sorted(members)
+    return ordered[(index + salt(key)) % len(ordered)]

@@ -1,0 +1,138 @@
+"""The pure parts of P2P: torrent bytes, info-hash agreement, stripes, manifests with piece hashes,
+and the store's adoption of chunks written by libtorrent."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import libtorrent as lt
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coldbrew.agent.errors import CorruptData
+from coldbrew.agent.manifest import FileIdentity, Manifest, digest, is_sidecar, sidecar_uri
+from coldbrew.agent.store import ChunkStore, Limits
+from coldbrew.agent.torrent import bencode, info_hash, stripe_owner, torrent_bytes
+
+CHUNK = 64 << 10
+
+
+def manifest_for(data: bytes, uri: str = "s3://b/m/model.safetensors", etag: str = '"e1"') -> Manifest:
+    chunks = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)]
+    return Manifest(FileIdentity(uri, etag, len(data)), CHUNK, [digest(c) for c in chunks],
+                    [hashlib.sha1(c).hexdigest() for c in chunks])
+
+
+def test_bencode_is_canonical() -> None:
+    assert bencode({"b": 1, "a": [b"x", "y", -2]}) == b"d1:al1:x1:yi-2ee1:bi1ee"
+    with pytest.raises(TypeError):
+        bencode(True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(size=st.integers(1, 5 * CHUNK + 7), uri=st.text(min_size=1, max_size=40))
+def test_every_agent_computes_the_info_hash_libtorrent_computes(size: int, uri: str) -> None:
+    data = bytes(i % 251 for i in range(size))
+    m = manifest_for(data, uri=f"s3://b/{uri}")
+    info = lt.torrent_info(torrent_bytes(m))
+    assert str(info.info_hashes().v1) == info_hash(m)
+    assert info.num_pieces() == m.layout.count and info.piece_length() == CHUNK
+    assert [info.hash_for_piece(i).hex() for i in range(info.num_pieces())] == m.sha1s
+    files = info.files()
+    assert [files.file_size(i) for i in range(files.num_files())] == \
+        [m.layout.length(i) for i in range(m.layout.count)]
+
+
+def test_the_same_bytes_under_two_names_are_two_torrents() -> None:
+    data = b"x" * (3 * CHUNK)
+    assert info_hash(manifest_for(data, uri="s3://b/a")) != info_hash(manifest_for(data, uri="s3://b/c"))
+    assert info_hash(manifest_for(data, etag='"1"')) != info_hash(manifest_for(data, etag='"2"'))
+
+
+def test_no_torrent_without_every_piece_hash() -> None:
+    m = manifest_for(b"y" * (2 * CHUNK))
+    m.sha1s[1] = None
+    assert not m.shareable
+    with pytest.raises(ValueError, match="piece hashes unknown"):
+        torrent_bytes(m)
+
+
+def test_stripes_split_a_file_evenly_and_every_member_agrees() -> None:
+    members = [b"cb" + bytes([65 + i]) * 18 for i in range(4)]
+    owners = [stripe_owner(i, "0123abcd" * 4, members) for i in range(400)]
+    assert Counter(owners) == {m: 100 for m in members}
+    assert owners == [stripe_owner(i, "0123abcd" * 4, list(reversed(members))) for i in range(400)]
+    # Different files start their stripes on different members.
+    firsts = {stripe_owner(0, f"{k:08x}" + "0" * 24, members) for k in range(16)}
+    assert len(firsts) > 1
+
+
+def test_manifest_with_piece_hashes_round_trips_and_rejects_junk() -> None:
+    m = manifest_for(b"z" * (2 * CHUNK + 5))
+    again = Manifest.from_json(json.loads(m.dumps()))
+    assert again == m and again.shareable
+    bad = m.to_json()
+    bad["sha1"] = ["nothex" * 5, None, None]
+    with pytest.raises(ValueError, match="malformed sha1"):
+        Manifest.from_json(bad)
+    bad["sha1"] = [None]
+    with pytest.raises(ValueError, match="1 sha1 for 3 chunks"):
+        Manifest.from_json(bad)
+
+
+def test_sidecar_names() -> None:
+    assert sidecar_uri("s3://b/llama/model.safetensors") == \
+        "s3://b/llama/.coldbrew/model.safetensors.manifest.json"
+    assert sidecar_uri("s3://b/top.bin") == "s3://b/.coldbrew/top.bin.manifest.json"
+    assert is_sidecar("b/llama/.coldbrew/model.safetensors.manifest.json")
+    assert not is_sidecar("b/llama/model.safetensors")
+    with pytest.raises(ValueError):
+        sidecar_uri("s3://")
+
+
+def _store(tmp_path: Path) -> ChunkStore:
+    store = ChunkStore(tmp_path, CHUNK, Limits(None, 0), piece_hashes=True)
+    store.open()
+    return store
+
+
+def test_store_records_piece_hashes_and_adopts_chunks_written_in_place(tmp_path: Path) -> None:
+    data = bytes(range(256)) * (3 * CHUNK // 256)
+    m = manifest_for(data)
+    store = _store(tmp_path)
+    entry = store.entry(m.identity)
+    store.write_chunk(entry, 0, memoryview(data[:CHUNK]))
+    assert entry.sha1s[0] == m.sha1s[0]
+    # libtorrent writes chunk 1 into the entry's chunk file itself, then we adopt it.
+    entry.chunk_path(1).write_bytes(data[CHUNK:2 * CHUNK])
+    store.adopt_chunk(entry, 1, m.sha1s[1] or "")
+    assert store.read_verified(entry, 1) == data[CHUNK:2 * CHUNK]
+    # A wrong-sized file is refused, never journaled.
+    entry.chunk_path(2).write_bytes(b"short")
+    with pytest.raises(CorruptData, match="expected"):
+        store.adopt_chunk(entry, 2, m.sha1s[2] or "")
+    assert not store.has(entry, 2)
+    store.write_chunk(entry, 2, memoryview(data[2 * CHUNK:]))
+    assert store.piece_hash(entry, 2) == m.sha1s[2]
+    assert entry.manifest() == m
+    store.save_manifest(entry, entry.manifest())
+    store.close()
+    # After a restart: digests, piece hashes and the manifest are all still there.
+    again = _store(tmp_path)
+    reloaded = again.find(m.identity.key())
+    assert reloaded is not None and reloaded.present == {0, 1, 2}
+    assert reloaded.sha1s == entry.sha1s and again.load_manifest(reloaded) == m
+
+
+def test_eviction_tells_p2p_first(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    entry = store.entry(FileIdentity("s3://b/x", "e", CHUNK))
+    store.write_chunk(entry, 0, memoryview(b"q" * CHUNK))
+    seen: list[tuple[str, bool]] = []
+    store.on_change.append(lambda e: seen.append((e.key, e.chunk_path(0).exists())))
+    store.evict(entry)
+    assert seen == [(entry.key, True)]  # called while the files were still there
