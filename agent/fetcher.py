@@ -225,12 +225,6 @@ class Fetcher:
         raise CorruptData(f"chunk {index} of {f.info.uri} failed verification twice in a row; "
                           "the cache disk may be failing")
 
-    @property
-    def width(self) -> int:
-        """Chunks worth keeping in flight. With peers, most of them wait on chunks other
-        agents fetch (holding no origin slot), so more keep this agent's origin share busy."""
-        return self.concurrency * (4 if self.sharing else 1)
-
     # --- read-ahead -----------------------------------------------------------------------
 
     def prefetch(self, f: OpenFile, from_index: int = 0,
@@ -268,7 +262,9 @@ class Fetcher:
                 if data is not None:
                     uncached += 1
 
-        workers = [asyncio.create_task(worker()) for _ in range(self.width)]
+        # Not wider with peers: many piece requests at once made libtorrent stall some of
+        # them (bench/RESULTS.md, P2P rollout).
+        workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
         try:
             await asyncio.gather(*workers)
         finally:

@@ -42,6 +42,22 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def free_port_pair() -> int:
+    """A port P with P and P+1 both free on 127.0.0.1 (an agent's P2P ports)."""
+    for _ in range(200):
+        port = free_ports(1)[0]
+        if port >= 65535:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
+
+
 def find_weed() -> str:
     candidates = [Path(sys.executable).parent / "weed", shutil.which("weed")]
     for c in candidates:

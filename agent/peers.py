@@ -442,6 +442,8 @@ class Swarm:
 
     def _adopt(self, t: Torrent, index: int) -> None:
         fut = t.waiters.get(index)
+        if fut is None and self.store.has(t.entry, index):
+            return  # libtorrent reporting a piece we gave it at attach: nothing new
         from_origin = index in t.from_origin
         sha1 = t.manifest.sha1s[index]
         assert sha1 is not None

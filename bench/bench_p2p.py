@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -34,25 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import _common as C  # noqa: E402
+from coldbrew.agent.locals3 import free_port_pair  # noqa: E402
 from support.faultproxy import FaultProxy  # noqa: E402
 
 BUCKET = "p2p-bench"
 CHUNK = "16MiB"
-
-
-def free_port_pair() -> int:
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
 
 
 class Bench:

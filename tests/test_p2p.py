@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -16,30 +15,13 @@ from typing import Any
 
 import pytest
 
+from coldbrew.agent.locals3 import free_port_pair
 from coldbrew.agent.manifest import Manifest, digest, sidecar_uri
 
 from support.data import put_random
 
 CHUNK = 1 << 20
 CHUNK_ARG = "1MiB"
-
-
-def free_port_pair() -> int:
-    """A port P with P and P+1 both free (the peer endpoint and libtorrent)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65534:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
 
 
 @pytest.fixture
@@ -191,6 +173,7 @@ def test_without_a_published_manifest_the_first_agent_builds_it(
     first.cli("prewarm", "raw/model.bin", "--wait", "--quiet", check=True)
     wait_shared(first, 1)
     assert first.metric("coldbrew_p2p_manifests_total", source="built") == 1
+    assert first.metric("coldbrew_p2p_received_bytes_total") == 0  # it had no one to ask
     proxy.reset_counts()
     second.cli("prewarm", "raw/model.bin", "--wait", "--quiet", check=True)
     assert second.metric("coldbrew_p2p_manifests_total", source="peer") == 1
