@@ -285,7 +285,8 @@ class Swarm:
                 if available and requested_at is None and self._asked < PEER_WINDOW:
                     # A few pieces at a time, each at full speed, rather than many that all
                     # crawl (and would all miss their timeout on a busy node).
-                    t.handle.set_piece_deadline(index, 0)
+                    if not _call(t.handle.set_piece_deadline, index, 0):
+                        return "gave up"  # detached meanwhile
                     requested_at = now
                     self._asked += 1
                 elif not available and requested_at is not None:
@@ -349,8 +350,8 @@ class Swarm:
         return stripe_owner(index, t.key, members) == self.pid
 
     def _cancel(self, t: Torrent, index: int) -> None:
-        t.handle.reset_piece_deadline(index)
-        t.handle.piece_priority(index, 0)
+        _call(t.handle.reset_piece_deadline, index)
+        _call(t.handle.piece_priority, index, 0)
 
     async def put_piece(self, t: Torrent, index: int, piece: bytes) -> None:
         """Hand origin bytes of chunk ``index`` to libtorrent, which writes and checks them.
@@ -364,7 +365,10 @@ class Swarm:
         try:
             if self.store.has(t.entry, index):
                 return  # a peer's copy landed meanwhile; libtorrent would ignore ours
-            t.handle.add_piece(index, piece, self.lt.add_piece_flags_t.overwrite_existing)
+            if not _call(t.handle.add_piece, index, piece,
+                         self.lt.add_piece_flags_t.overwrite_existing):
+                raise CacheError(f"{t.entry.identity.uri}: no longer shared; chunk {index} "
+                                 "served from memory")
             outcome = await self._outcome(t, index, fut)
             if outcome == "bad":
                 raise ObjectChanged(f"{t.entry.identity.uri}: chunk {index} from the origin does not "
@@ -529,6 +533,15 @@ _NO_PID = bytes(20)
 def _pid(agent_id: str) -> bytes:
     """An agent's BitTorrent peer id: its id, 20 ASCII bytes (set as the session's fingerprint)."""
     return agent_id.encode()[:20].ljust(20, b"-")
+
+
+def _call(method: Any, *args: Any) -> bool:
+    """A torrent_handle call; False if the torrent was removed meanwhile (invalid handle)."""
+    try:
+        method(*args)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _settle(fut: asyncio.Future[str], outcome: str) -> None:
