@@ -58,7 +58,7 @@ SETTLE_S = 0.3
 #: How often a torrent that someone waits on retries connecting to missing peers.
 RECONNECT_S = 0.5
 #: Most chunks asked of peers at once (per agent).
-PEER_WINDOW = 16
+PEER_WINDOW = 4
 #: A chunk nobody has is waited for at most this many chunk timeouts (its owner is alive).
 UNAVAILABLE_TIMEOUTS = 6
 #: Longest libtorrent may take to write and hash one origin chunk handed to it.
