@@ -2,10 +2,10 @@
 
 However many readers wait on a cold chunk, one origin GET fetches it
 (single-flight); the others join that fetch. Sources are tried cache → peers →
-origin (peers when P2P is on and the file is shared, see :mod:`.sharing` and
-:mod:`.peers`). A cache disk that is full or
-failing never fails a read: the bytes fetched from origin are handed to the
-waiters straight from memory, and the failure is logged and counted.
+origin (peers when P2P is on and the file is shared: :mod:`.sharing`, :mod:`.peers`).
+A cache disk that is full or failing never fails a read: the bytes fetched from
+origin are handed to the waiters straight from memory, and the failure is logged
+and counted.
 
 The fetcher also owns the stat cache (URI → ObjectInfo, briefly) and the
 read-ahead that follows a reader through a file.

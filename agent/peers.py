@@ -338,16 +338,18 @@ class Swarm:
         if age < FIRST_S and len(t.availability) >= FIRST_MIN_CHUNKS \
                 and not self._endpoints.keys() <= t.settled:
             return False  # agents starting this file at the same moment get a moment to join
-        members = t.members or (self.pid,)
-        return stripe_owner(index, t.key, members) == self.pid
+        return self._owns(t, index)
 
     def still_mine(self, t: Torrent, index: int) -> bool:
         """Re-check, once an origin slot is free, a decision made while waiting for it:
         peers that joined since may own the chunk now, or already have it."""
         if index < len(t.availability) and t.availability[index] > 0:
             return False
-        members = t.members or (self.pid,)
-        return stripe_owner(index, t.key, members) == self.pid
+        return self._owns(t, index)
+
+    def _owns(self, t: Torrent, index: int) -> bool:
+        """Is this agent chunk ``index``'s stripe owner among the members seen now?"""
+        return stripe_owner(index, t.key, t.members or (self.pid,)) == self.pid
 
     def _cancel(self, t: Torrent, index: int) -> None:
         _call(t.handle.reset_piece_deadline, index)

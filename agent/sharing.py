@@ -17,6 +17,7 @@ Whatever a peer or the origin says is checked against the object's own identity
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -263,8 +264,6 @@ class Sharing:
 
 
 def _loads(raw: bytes) -> dict[str, Any]:
-    import json
-
     data = json.loads(raw)
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")

@@ -253,6 +253,44 @@ class AgentProc:
     def remove_cache(self) -> None:
         shutil.rmtree(self.cache_dir, ignore_errors=True)
 
+    def metric(self, name: str, **labels: str) -> float | None:
+        """One sample from the agent's /metrics (the first whose labels include ``labels``)."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        url = f"http://{self.metrics_address}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return s.value
+        return None
+
+
+def upload_random(client: Any, bucket: str, key: str, size: int, part: int = 64 * MiB) -> None:
+    """Upload ``size`` random bytes without a local copy (multipart, parts made on the fly)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    up = client.create_multipart_upload(Bucket=bucket, Key=key)
+    try:
+        def one(n: int) -> dict[str, Any]:
+            length = min(part, size - n * part)
+            r = client.upload_part(Bucket=bucket, Key=key, UploadId=up["UploadId"],
+                                   PartNumber=n + 1, Body=os.urandom(length))
+            return {"PartNumber": n + 1, "ETag": r["ETag"]}
+        with ThreadPoolExecutor(3) as ex:
+            parts = list(ex.map(one, range(-(-size // part))))
+        client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=up["UploadId"],
+                                         MultipartUpload={"Parts": parts})
+    except BaseException:
+        client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=up["UploadId"])
+        raise
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
 
 # --- figures -----------------------------------------------------------------------------
 

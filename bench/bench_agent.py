@@ -312,24 +312,6 @@ class Bench:
         self.log(f"object {self.uri}: {C.format_size(self.size)} random bytes, written in "
                  f"{t1 - t0:.1f} s, uploaded in {time.perf_counter() - t1:.1f} s (ETag {head['ETag']})")
 
-    def upload_generated(self, key: str, size: int, part: int = 64 * C.MiB) -> None:
-        """Upload ``size`` random bytes without a local copy (multipart, parts made on the fly)."""
-        client = self.s3.client()
-        up = client.create_multipart_upload(Bucket=BUCKET, Key=key)
-        try:
-            def one(n: int) -> dict[str, Any]:
-                length = min(part, size - n * part)
-                r = client.upload_part(Bucket=BUCKET, Key=key, UploadId=up["UploadId"],
-                                       PartNumber=n + 1, Body=os.urandom(length))
-                return {"PartNumber": n + 1, "ETag": r["ETag"]}
-            with ThreadPoolExecutor(3) as ex:
-                parts = list(ex.map(one, range((size + part - 1) // part)))
-            client.complete_multipart_upload(Bucket=BUCKET, Key=key, UploadId=up["UploadId"],
-                                             MultipartUpload={"Parts": parts})
-        except BaseException:
-            client.abort_multipart_upload(Bucket=BUCKET, Key=key, UploadId=up["UploadId"])
-            raise
-
     @staticmethod
     def _digest(path: Path) -> str:
         import xxhash
@@ -514,7 +496,7 @@ class Bench:
             self.log(f"  warning: that may not fit in memory (want ~{C.format_size(need)})")
         key = f"bench/rss-{size}.bin"
         t0 = time.perf_counter()
-        self.upload_generated(key, size)
+        C.upload_random(self.s3.client(), BUCKET, key, size)
         self.log(f"  uploaded in {time.perf_counter() - t0:.1f} s; prewarming it with a fresh agent")
         agent = self.start_agent("agent-rss")
         try:

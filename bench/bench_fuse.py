@@ -224,9 +224,9 @@ class Bench:
             out["fuse_cached"] = self.timed_read([fuse_path], agent, out["cpu_fuse_cached"])
             out["fuse_again"] = self.timed_read([fuse_path])
             self.check_same(fuse_path, "(2)/(3) FUSE read")
-            out["fuse_read_requests"] = _metric(agent, "coldbrew_fuse_op_seconds_count", op="read")
-            out["fuse_read_seconds_in_view"] = _metric(agent, "coldbrew_fuse_op_seconds_sum", op="read")
-            out["fuse_read_bytes"] = _metric(agent, "coldbrew_fuse_read_bytes_total")
+            out["fuse_read_requests"] = agent.metric("coldbrew_fuse_op_seconds_count", op="read")
+            out["fuse_read_seconds_in_view"] = agent.metric("coldbrew_fuse_op_seconds_sum", op="read")
+            out["fuse_read_bytes"] = agent.metric("coldbrew_fuse_read_bytes_total")
             return out
         finally:
             self.stop_agent(agent, mnt)
@@ -238,8 +238,8 @@ class Bench:
             cpu: dict[str, float] = {}
             seconds = self.timed_read([mnt / KEY], agent, cpu)
             out = {"fuse_cold": seconds, "cpu_fuse_cold": cpu,
-                   "origin_gets": _metric(agent, "coldbrew_origin_requests_total", op="get", outcome="ok"),
-                   "origin_bytes": _metric(agent, "coldbrew_origin_bytes_total")}
+                   "origin_gets": agent.metric("coldbrew_origin_requests_total", op="get", outcome="ok"),
+                   "origin_bytes": agent.metric("coldbrew_origin_bytes_total")}
             self.check_same(mnt / KEY, "(4) cold FUSE read")
             return out
         finally:
@@ -360,19 +360,6 @@ class Bench:
 
 
 _TIMED = ("direct", "direct_small_folios", "fuse_cached", "fuse_again", "fuse_cold", "prewarm_job", "prewarm_cli")
-
-
-def _metric(agent: C.AgentProc, name: str, **labels: str) -> float | None:
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://{agent.metrics_address}/metrics", timeout=5).read().decode()
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

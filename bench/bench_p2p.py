@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +47,6 @@ class Bench:
         self.shards = args.shards
         self.results: dict[str, Any] = {}
 
-    def log(self, msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
     def setup(self) -> None:
         from coldbrew.agent.locals3 import LocalS3
 
@@ -62,31 +58,18 @@ class Bench:
         part = self.size // self.shards
         t0 = time.perf_counter()
         for i in range(self.shards):
-            self._upload(client, f"model/model-{i + 1:05d}-of-{self.shards:05d}.safetensors", part)
-        self.log(f"model: {self.shards} shards, {C.format_size(part * self.shards)} uploaded "
+            key = f"model/model-{i + 1:05d}-of-{self.shards:05d}.safetensors"
+            C.upload_random(client, BUCKET, key, part)
+        C.log(f"model: {self.shards} shards, {C.format_size(part * self.shards)} uploaded "
                  f"in {time.perf_counter() - t0:.1f} s")
         self.model_bytes = part * self.shards
         t0 = time.perf_counter()
         C.timed_run([*C.coldbrew_command(), "publish", f"s3://{BUCKET}/model/", "--chunk-size",
                      CHUNK, "--quiet"], env={**os.environ, **self.env})
-        self.log(f"coldbrew publish: {time.perf_counter() - t0:.1f} s (read once, hashed, "
+        C.log(f"coldbrew publish: {time.perf_counter() - t0:.1f} s (read once, hashed, "
                  "manifests written beside the shards)")
         self.proxy = FaultProxy("127.0.0.1", self.s3.port).start()
         self.proxy.bandwidth = self.args.origin_bw
-
-    def _upload(self, client: Any, key: str, size: int, part: int = 64 * C.MiB) -> None:
-        up = client.create_multipart_upload(Bucket=BUCKET, Key=key)
-
-        def one(n: int) -> dict[str, Any]:
-            length = min(part, size - n * part)
-            r = client.upload_part(Bucket=BUCKET, Key=key, UploadId=up["UploadId"],
-                                   PartNumber=n + 1, Body=os.urandom(length))
-            return {"PartNumber": n + 1, "ETag": r["ETag"]}
-
-        with ThreadPoolExecutor(3) as ex:
-            parts = list(ex.map(one, range(-(-size // part))))
-        client.complete_multipart_upload(Bucket=BUCKET, Key=key, UploadId=up["UploadId"],
-                                         MultipartUpload={"Parts": parts})
 
     def scenario(self, name: str, n: int, p2p: bool) -> dict[str, Any]:
         ports = [free_port_pair() for _ in range(n)]
@@ -109,7 +92,7 @@ class Bench:
             seconds = self._prewarm_all(agents)
             origin = self.proxy.counts["response_body_bytes"]
             cpu = [round((C.proc_cpu_s(a.pid) or 0.0) - c, 1) for a, c in zip(agents, cpu0)]
-            from_peers = [self._metric(a, "coldbrew_p2p_received_bytes_total") for a in agents]
+            from_peers = [int(a.metric("coldbrew_p2p_received_bytes_total") or 0) for a in agents]
             cached = [self._cached(a) for a in agents]
         finally:
             for a in agents:
@@ -121,7 +104,7 @@ class Bench:
                "seconds_each": [round(s, 2) for s in seconds], "origin_bytes": origin,
                "origin_x_model": round(origin / self.model_bytes, 3),
                "bytes_from_peers": from_peers, "agent_cpu_s": cpu}
-        self.log(f"{name}: all {n} ready in {rec['seconds_all']:.1f} s; origin sent "
+        C.log(f"{name}: all {n} ready in {rec['seconds_all']:.1f} s; origin sent "
                  f"{rec['origin_x_model']:.2f}x the model; from peers "
                  f"{[C.format_size(b) for b in from_peers]}; agent CPU-s {cpu}")
         return rec
@@ -129,7 +112,7 @@ class Bench:
     def _wait_peers(self, agents: list[C.AgentProc], count: int) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if all(self._metric(a, "coldbrew_p2p_peers") >= count for a in agents):
+            if all(int(a.metric("coldbrew_p2p_peers") or 0) >= count for a in agents):
                 return
             time.sleep(0.1)
         raise RuntimeError("agents did not find each other")
@@ -158,21 +141,8 @@ class Bench:
             last = now
         for t in threads:
             t.join()
-        self.log(f"origin MB/s, second by second: {timeline}")
+        C.log(f"origin MB/s, second by second: {timeline}")
         return seconds
-
-    @staticmethod
-    def _metric(a: C.AgentProc, name: str) -> int:
-        import urllib.request
-
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = urllib.request.urlopen(f"http://{a.metrics_address}/metrics", timeout=5).read().decode()
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == name and not s.labels:
-                    return int(s.value)
-        return 0
 
     @staticmethod
     def _cached(a: C.AgentProc) -> int:

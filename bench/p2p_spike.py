@@ -90,6 +90,7 @@ import _common as C
 from coldbrew.agent.config import format_size, parse_size
 from coldbrew.agent.manifest import ChunkLayout, FileIdentity, digest, journal_line
 from coldbrew.agent.store import ChunkStore, Entry, Limits, chunk_name
+from coldbrew.agent.torrent import bencode  # the canonical encoder the agent uses
 
 MiB = 1 << 20
 FINDINGS: dict[str, Any] = {}  # experiment -> {figure: value}; printed and --json'd
@@ -267,22 +268,6 @@ def cpu_s() -> float:
 
 
 # --- the torrent for one cache entry ------------------------------------------------------
-
-def bencode(x: Any) -> bytes:
-    """Canonical bencoding (sorted keys): enough to compute the info-hash without libtorrent."""
-    if isinstance(x, int):
-        return b"i%de" % x
-    if isinstance(x, str):
-        x = x.encode()
-    if isinstance(x, (bytes, bytearray)):
-        return b"%d:%s" % (len(x), bytes(x))
-    if isinstance(x, list):
-        return b"l" + b"".join(bencode(v) for v in x) + b"e"
-    if isinstance(x, dict):
-        items = sorted((k.encode() if isinstance(k, str) else k, v) for k, v in x.items())
-        return b"d" + b"".join(bencode(k) + bencode(v) for k, v in items) + b"e"
-    raise TypeError(type(x))
-
 
 def info_dict(identity: FileIdentity, chunk_size: int, sha1s: list[bytes]) -> dict[str, Any]:
     """The info dict every agent must build identically for one (uri, etag, size, chunk size).
