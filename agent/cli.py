@@ -24,8 +24,8 @@ from typing import Any, Sequence
 
 from .. import __version__
 from .client import AgentClient, default_socket
-from .config import SETTINGS, format_size, load_config
 from .errors import AgentUnavailable, ColdbrewError, ConfigError, UsageError
+from .units import format_size
 
 
 def _add_socket(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,15 @@ def _add_socket(p: argparse.ArgumentParser) -> None:
                    help=f"agent control socket (default: $COLDBREW_SOCKET or {default_socket()})")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _settings() -> Sequence[Any]:
+    from .config import SETTINGS
+
+    return SETTINGS
+
+
+def build_parser(agent_flags: bool = True) -> argparse.ArgumentParser:
+    """The whole command line. ``agent_flags=False`` leaves out the agent's settings
+    flags, which need the settings table: the small commands start faster without it."""
     parser = argparse.ArgumentParser(prog="coldbrew", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"coldbrew {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -42,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run the node agent. Settings come from --config FILE "
                            "(TOML), then COLDBREW_* environment variables, then these flags.")
     agent.add_argument("--config", type=Path, default=None, help="TOML config file ($COLDBREW_CONFIG)")
-    for s in SETTINGS:
+    for s in _settings() if agent_flags else ():
         agent.add_argument(s.flag, dest=s.name, default=None, metavar=s.name.split("_")[-1].upper(),
                            help=f"{s.help} [env {s.env}]")
 
@@ -94,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(agent_flags="agent" in argv).parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, UsageError) as e:
@@ -122,6 +131,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     import asyncio
     import os
 
+    from .config import SETTINGS, load_config
     from .daemon import run_agent
     from .logs import setup_logging
 

@@ -14,19 +14,17 @@ verifies every chunk against its digest and copies it kernel-side
 
 from __future__ import annotations
 
-import http.client
 import json
 import mmap
 import os
-import socket
+import threading
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import xxhash
 
+from . import unixhttp
 from .errors import AgentUnavailable, ObjectChanged, error_from_kind
 
 DEFAULT_SOCKET = Path("/run/coldbrew/agent.sock")
@@ -37,24 +35,7 @@ def default_socket() -> Path:
     return Path(os.environ.get("COLDBREW_SOCKET") or DEFAULT_SOCKET)
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float | None) -> None:
-        super().__init__("coldbrew-agent", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(str(self.socket_path))
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-@dataclass(frozen=True)
-class GetResult:
+class GetResult(NamedTuple):  # not a dataclass: that import costs the CLI's start ~15 ms
     uri: str
     etag: str
     bytes: int
@@ -69,8 +50,16 @@ class AgentClient:
 
     # --- transport ------------------------------------------------------------------
 
-    def _connection(self, timeout: float | None) -> _UnixHTTPConnection:
-        return _UnixHTTPConnection(self.socket_path, timeout)
+    def _open(self, method: str, target: str, body: bytes | None = None,
+              timeout: float | None = None) -> unixhttp.Response:
+        try:
+            return unixhttp.exchange(str(self.socket_path), method, target, body,
+                                     content_type="application/json" if body is not None else None,
+                                     timeout=timeout)
+        except (FileNotFoundError, ConnectionRefusedError, PermissionError) as e:
+            raise self._unavailable(e) from None
+        except unixhttp.ProtocolError as e:
+            raise AgentUnavailable(f"the agent on {self.socket_path} did not answer properly: {e}") from None
 
     def _unavailable(self, e: OSError) -> AgentUnavailable:
         return AgentUnavailable(
@@ -82,18 +71,12 @@ class AgentClient:
         """One JSON request; raises the agent's error as a coldbrew exception."""
         if query:
             path += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-        conn = self._connection(self.timeout_s if timeout == -1.0 else timeout)
-        try:
-            payload = json.dumps(body).encode() if body is not None else None
-            headers = {"Content-Type": "application/json"} if payload is not None else {}
+        payload = json.dumps(body).encode() if body is not None else None
+        with self._open(method, path, payload, self.timeout_s if timeout == -1.0 else timeout) as response:
             try:
-                conn.request(method, path, body=payload, headers=headers)
-                response = conn.getresponse()
-            except (FileNotFoundError, ConnectionRefusedError, PermissionError) as e:
-                raise self._unavailable(e) from None
-            data = response.read()
-        finally:
-            conn.close()
+                data = response.read_all()
+            except unixhttp.ProtocolError as e:
+                raise AgentUnavailable(f"the agent on {self.socket_path}: {e}") from None
         return _decode(response.status, data)
 
     # --- API ---------------------------------------------------------------------------
@@ -165,29 +148,17 @@ class AgentClient:
                    piece_bytes: int) -> Iterator[bytes]:
         query = urllib.parse.urlencode({k: v for k, v in {
             "uri": uri, "offset": offset, "length": length, "lease": lease}.items() if v is not None})
-        conn = self._connection(None)
-        try:
-            try:
-                conn.request("GET", "/v1/read?" + query)
-                response = conn.getresponse()
-            except (FileNotFoundError, ConnectionRefusedError, PermissionError) as e:
-                raise self._unavailable(e) from None
+        with self._open("GET", "/v1/read?" + query) as response:
             if response.status != 200:
-                _decode(response.status, response.read())
+                _decode(response.status, response.read_all())
             while True:
                 try:
                     piece = response.read(piece_bytes)
-                except http.client.IncompleteRead as e:
-                    if e.partial:
-                        yield e.partial
-                    return
-                except (ConnectionError, OSError):
+                except OSError:  # a stream cut short: the caller resumes from here
                     return
                 if not piece:
                     return
                 yield piece
-        finally:
-            conn.close()
 
     # --- get: copy a file out through the node cache --------------------------------------
 
@@ -216,7 +187,6 @@ class AgentClient:
             tmp.unlink(missing_ok=True)
             raise
         finally:
-            copier.close()
             try:
                 self.release(lease)
             except AgentUnavailable:
@@ -233,7 +203,6 @@ class _Copier:
         self.etag = etag
         self.from_file = 0
         self.streamed = 0
-        self._checker = ThreadPoolExecutor(1, thread_name_prefix="coldbrew-verify")
 
     def check_version(self, window: dict[str, Any]) -> None:
         if window["etag"] != self.etag:
@@ -247,12 +216,12 @@ class _Copier:
         copies the previous chunk (copy_file_range releases the GIL): the check
         costs ~0.1 s/GiB, which would otherwise sit on the copy's critical path.
         """
-        checks = [self._checker.submit(_open_verified, c) if c["cached"] else None for c in chunks]
+        ahead = _Verifier(chunks)
         taken = 0
         try:
-            for chunk, check in zip(chunks, checks):
+            for i, chunk in enumerate(chunks):
                 taken += 1
-                fd = check.result() if check is not None else None
+                fd = ahead.fd(i)
                 if fd == _UNREADABLE:  # this process cannot see the cache dir: stream it
                     self._stream(chunk, out)
                 elif fd is None:
@@ -264,12 +233,8 @@ class _Copier:
                         os.close(fd)
                     self.from_file += 1
                 yield chunk
-        finally:  # stopped part-way: close the fds the checker opened ahead
-            for check in checks[taken:]:
-                if check is not None and not check.cancel() and check.exception() is None:
-                    fd = check.result()
-                    if fd is not None and fd >= 0:
-                        _close_quietly(fd)
+        finally:
+            ahead.close(taken)
 
     def _repair_or_stream(self, chunk: dict[str, Any], out: Any) -> None:
         if chunk["cached"]:
@@ -287,15 +252,56 @@ class _Copier:
                 return
         self._stream(chunk, out)  # uncached (cache full) or still bad: the agent verifies
 
-    def close(self) -> None:
-        self._checker.shutdown(wait=True, cancel_futures=True)
-
     def _stream(self, chunk: dict[str, Any], out: Any) -> None:
         out.seek(chunk["offset"])
         for piece in self.client.read(lease=self.lease, offset=chunk["offset"],
                                       length=chunk["length"]):
             out.write(piece)
         self.streamed += 1
+
+
+class _Verifier:
+    """Opens and checks a window's chunks in order, in one thread, ahead of the copy.
+
+    A bare thread rather than ``concurrent.futures``, whose import (it brings
+    ``logging``) costs every CLI start ~13 ms.
+    """
+
+    def __init__(self, chunks: list[dict[str, Any]]) -> None:
+        self._chunks = chunks
+        self._fds: list[int | None] = [None] * len(chunks)
+        self._error: BaseException | None = None
+        self._done = [threading.Event() for _ in chunks]
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="coldbrew-verify", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for i, chunk in enumerate(self._chunks):
+            if self._stop:
+                return
+            try:
+                self._fds[i] = _open_verified(chunk) if chunk["cached"] else None
+            except BaseException as e:  # noqa: BLE001 - handed to the copying thread
+                self._error = e
+                self._stop = True
+            finally:
+                self._done[i].set()
+
+    def fd(self, i: int) -> int | None:
+        """Chunk ``i``'s checked fd (None: bad or not cached; ``_UNREADABLE``); waits for it."""
+        self._done[i].wait()
+        if self._error is not None:
+            raise self._error
+        return self._fds[i]
+
+    def close(self, taken: int) -> None:
+        """Stop; close the fds opened ahead for chunks from ``taken`` on."""
+        self._stop = True
+        self._thread.join()
+        for fd in self._fds[taken:]:
+            if fd is not None and fd >= 0:
+                _close_quietly(fd)
 
 
 _UNREADABLE = -1

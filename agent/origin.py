@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -72,15 +73,21 @@ def _s3_error(exc: BaseException) -> tuple[str | None, int | None]:
     return None, None
 
 
+def _aiohttp_errors(*names: str) -> tuple[type[BaseException], ...]:
+    """aiohttp's exception classes, if it is loaded: if not, none of them can be raised
+    (and a loader that never needed s3fs must not pay its import to classify an error)."""
+    aiohttp = sys.modules.get("aiohttp")
+    return tuple(getattr(aiohttp, n) for n in names) if aiohttp is not None else ()
+
+
 def _is_short_body(exc: BaseException) -> bool:
     """The server promised more bytes than it sent (connection cut mid-body)."""
-    import aiohttp
     import botocore.exceptions as bex
 
     import urllib3.exceptions as u3
 
-    short = (aiohttp.ClientPayloadError, bex.IncompleteReadError, bex.ResponseStreamingError,
-             u3.ProtocolError, u3.IncompleteRead)
+    short = (*_aiohttp_errors("ClientPayloadError"), bex.IncompleteReadError,
+             bex.ResponseStreamingError, u3.ProtocolError, u3.IncompleteRead)
     while exc is not None:
         if isinstance(exc, short):
             return True
@@ -89,12 +96,12 @@ def _is_short_body(exc: BaseException) -> bool:
 
 
 def _is_network_error(exc: BaseException) -> bool:
-    import aiohttp
     import botocore.exceptions as bex
 
     import urllib3.exceptions as u3
 
-    network = (ConnectionError, TimeoutError, asyncio.TimeoutError, aiohttp.ClientError, u3.HTTPError,
+    network = (ConnectionError, TimeoutError, asyncio.TimeoutError, *_aiohttp_errors("ClientError"),
+               u3.HTTPError,
                bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ReadTimeoutError,
                bex.ConnectTimeoutError, bex.ResponseStreamingError, bex.IncompleteReadError,
                bex.HTTPClientError)
@@ -175,8 +182,8 @@ def _mtime_of(info: dict[str, Any]) -> float | None:
 class Origin:
     """Reads objects under one root URL (``s3://bucket/prefix``) with retries.
 
-    Must be created and used on one running event loop (s3fs's async client is
-    bound to the loop it was made on).
+    Must be used on one running event loop (s3fs's async client, made on first
+    use, is bound to the loop it was made on).
     """
 
     def __init__(self, config: OriginSettings, metrics: AgentMetrics | None = None) -> None:
@@ -186,8 +193,9 @@ class Origin:
         self.policy = RetryPolicy(config.retry_attempts, config.retry_base_delay_s,
                                   config.retry_max_delay_s)
         self.metrics = metrics
-        self.fs = self._make_fs(config)
         self.is_s3 = self.protocol in ("s3", "s3a")
+        self._config = config
+        self._fs: fsspec.AbstractFileSystem | None = None if self.is_s3 else self._make_fs(config)
         if self.is_s3:
             from .s3data import S3RangeReader
 
@@ -195,6 +203,15 @@ class Origin:
             # One thread per GET in flight; the default executor (cores + 4) would cap them.
             self._data_pool = ThreadPoolExecutor(max(4, config.fetch_concurrency * 2),
                                                  thread_name_prefix="s3-get")
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The fsspec filesystem. For S3 it is made on first use (on the running loop):
+        s3fs brings aiobotocore and aiohttp (~0.5 s to import on a small node), and a
+        loader that only HEADs and GETs objects (botocore, :mod:`.s3data`) never needs it."""
+        if self._fs is None:
+            self._fs = self._make_fs(self._config)
+        return self._fs
 
     def _make_fs(self, config: OriginSettings) -> fsspec.AbstractFileSystem:
         if self.protocol not in ("s3", "s3a"):
@@ -225,8 +242,8 @@ class Origin:
         if self.is_s3:
             self._data_pool.shutdown(wait=False, cancel_futures=True)
             self._data.close()
-        if self.is_s3 and getattr(self.fs, "_s3", None) is not None:
-            await self.fs._s3.close()  # noqa: SLF001 - s3fs has no public async close
+        if self.is_s3 and getattr(self._fs, "_s3", None) is not None:
+            await self._fs._s3.close()  # type: ignore[union-attr]  # noqa: SLF001 - no public close
 
     # --- naming ---------------------------------------------------------------
 
@@ -250,6 +267,12 @@ class Origin:
 
     async def stat(self, uri: str) -> ObjectInfo:
         """Size and ETag of one object. Raises ObjectNotFound/BucketNotFound/AccessDenied."""
+        if self.is_s3 and "/" in self._path(uri).strip("/"):
+            try:  # a plain HEAD, on the data plane's botocore client
+                head = await self._call("head", uri, self._head_s3, uri)
+                return ObjectInfo(uri, int(head["ContentLength"]), _etag_of(head), _mtime_of(head))
+            except ObjectNotFound:
+                pass  # a prefix, or no such bucket: the fsspec path below tells which
         info = await self._call("head", uri, self._info, uri)
         if info.get("type") == "directory":
             raise ObjectNotFound(f"{uri} is a prefix (a directory), not an object")
@@ -315,6 +338,15 @@ class Origin:
                 raise
         return await asyncio.to_thread(self.fs.info, self._path(uri))
 
+    async def _head_s3(self, uri: str) -> dict[str, Any]:
+        bucket, key = self._bucket_key(uri)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._data_pool, self._data.head, bucket, key)
+
+    def _bucket_key(self, uri: str) -> tuple[str, str]:
+        bucket, _, key = self._path(uri).partition("/")
+        return bucket, key
+
     async def _raise_if_bucket_missing(self, uri: str) -> None:
         # HEAD on a key answers a bare 404 whether the key or the bucket is missing;
         # ask about the bucket so the message says which.
@@ -369,7 +401,7 @@ class Origin:
             self.metrics.origin_bytes.inc(len(buf))
 
     async def _read_s3(self, obj: ObjectInfo, start: int, buf: memoryview) -> None:
-        bucket, key, _ = self.fs.split_path(self._path(obj.uri))
+        bucket, key = self._bucket_key(obj.uri)
         loop = asyncio.get_running_loop()
         filled, etag = await finish_in_thread(loop.run_in_executor(
             self._data_pool, self._data.read_into, bucket, key, start, buf, obj.etag))

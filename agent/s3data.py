@@ -59,5 +59,9 @@ class S3RangeReader:
             resp["Body"].close()
         return filled, resp.get("ETag", etag)
 
+    def head(self, bucket: str, key: str) -> dict[str, Any]:
+        """HEAD one object: ``ContentLength``, ``ETag``, ``LastModified``..."""
+        return self._client.head_object(Bucket=bucket, Key=key)
+
     def close(self) -> None:
         self._client.close()

@@ -32,6 +32,7 @@ threads. Any OSError from the disk becomes :class:`CacheError` (or
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -44,7 +45,7 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import eviction
 from .errors import CacheError, CacheFull, CorruptData, FileBusy
@@ -137,6 +138,9 @@ class ChunkStore:
         self._entries: dict[str, Entry] = {}
         self._pins: Counter[str] = Counter()
         self._used = 0
+        #: Room promised to chunks being written now (not yet in ``_used``): without it,
+        #: concurrent writers all see the same free space and overshoot the limit.
+        self._reserved = 0
         self._lock_fd: int | None = None
 
     # --- lifecycle --------------------------------------------------------------
@@ -352,20 +356,19 @@ class ChunkStore:
         if known is not None and known != chunk_digest:
             raise CorruptData(f"chunk {index} of {entry.identity.uri} arrived with different bytes "
                               "than before (digest mismatch)")
-        if index not in entry.present:  # rewriting a present chunk needs no new room
-            self._make_room(len(data), entry)
-        sha1 = (hashlib.sha1(data).hexdigest()
-                if self.piece_hashes and index not in entry.sha1s else None)
-        tmp = self.root / "tmp" / f"{entry.key}.{index}.{os.getpid()}.{threading.get_ident()}"
-        try:
-            self._write_file(tmp, data)
-            os.rename(tmp, entry.chunk_path(index))
-            self._journal(entry, index, chunk_digest if known is None else None, sha1)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            entry.chunk_path(index).unlink(missing_ok=True)
-            raise self._write_error(e, entry) from e
-        self._mark_present(entry, index, chunk_digest, sha1)
+        with self._room(entry, index, len(data)):
+            sha1 = (hashlib.sha1(data).hexdigest()
+                    if self.piece_hashes and index not in entry.sha1s else None)
+            tmp = self.root / "tmp" / f"{entry.key}.{index}.{os.getpid()}.{threading.get_ident()}"
+            try:
+                self._write_file(tmp, data)
+                os.rename(tmp, entry.chunk_path(index))
+                self._journal(entry, index, chunk_digest if known is None else None, sha1)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                entry.chunk_path(index).unlink(missing_ok=True)
+                raise self._write_error(e, entry) from e
+            self._mark_present(entry, index, chunk_digest, sha1)
         return chunk_digest
 
     def adopt_chunk(self, entry: Entry, index: int, sha1: str) -> str:
@@ -388,18 +391,17 @@ class ChunkStore:
         if known is not None and known != chunk_digest:
             raise CorruptData(f"chunk {index} of {entry.identity.uri} from peers differs from "
                               "the bytes verified before (digest mismatch)")
-        if index not in entry.present:
-            try:
-                self._make_room(len(data), entry)
-            except CacheFull:
-                path.unlink(missing_ok=True)
-                raise
         try:
-            self._journal(entry, index, chunk_digest if known is None else None,
-                          sha1 if index not in entry.sha1s else None)
-        except OSError as e:
-            raise self._write_error(e, entry) from e
-        self._mark_present(entry, index, chunk_digest, sha1)
+            with self._room(entry, index, len(data)):
+                try:
+                    self._journal(entry, index, chunk_digest if known is None else None,
+                                  sha1 if index not in entry.sha1s else None)
+                except OSError as e:
+                    raise self._write_error(e, entry) from e
+                self._mark_present(entry, index, chunk_digest, sha1)
+        except CacheFull:
+            path.unlink(missing_ok=True)
+            raise
         return chunk_digest
 
     @staticmethod
@@ -497,22 +499,35 @@ class ChunkStore:
     def used_bytes(self) -> int:
         return self._used
 
+    @contextlib.contextmanager
+    def _room(self, entry: Entry, index: int, nbytes: int) -> Iterator[None]:
+        """Room for chunk ``index`` held while it is written (none needed if it is present)."""
+        if index in entry.present:  # rewriting a present chunk needs no new room
+            yield
+            return
+        self._make_room(nbytes, entry)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reserved -= nbytes
+
     def _make_room(self, nbytes: int, for_entry: Entry) -> None:
+        """Evict until ``nbytes`` more fit, and reserve them; CacheFull if they cannot."""
         with self._lock:
-            need = self._used + nbytes - self.capacity()
-            if need <= 0:
-                return
-            candidates = [eviction.Candidate(e.key, e.cached_bytes, e.last_used,
-                                             self._pins.get(e.key, 0) > 0 or e is for_entry)
-                          for e in self._entries.values()]
-            victims = eviction.choose_victims(candidates, need)
-            for victim in victims:
-                self._evict_locked(self._entries[victim.key], reason="lru")
-            if self._used + nbytes > self.capacity():
-                if self.metrics:
-                    self.metrics.cache_write_errors.labels("full").inc()
-                raise CacheFull(f"cache {self.root.parent} is full ({self._used} bytes used, "
-                                "the rest in use); serving from origin without caching")
+            need = self._used + self._reserved + nbytes - self.capacity()
+            if need > 0:
+                candidates = [eviction.Candidate(e.key, e.cached_bytes, e.last_used,
+                                                 self._pins.get(e.key, 0) > 0 or e is for_entry)
+                              for e in self._entries.values()]
+                for victim in eviction.choose_victims(candidates, need):
+                    self._evict_locked(self._entries[victim.key], reason="lru")
+                if self._used + self._reserved + nbytes > self.capacity():
+                    if self.metrics:
+                        self.metrics.cache_write_errors.labels("full").inc()
+                    raise CacheFull(f"cache {self.root.parent} is full ({self._used} bytes used, "
+                                    "the rest in use); serving from origin without caching")
+            self._reserved += nbytes
 
     def evict(self, entry: Entry) -> int:
         """Remove a whole file from the cache unless it is in use. Returns bytes freed."""

@@ -29,7 +29,13 @@ from typing import Any
 
 import torch
 
-from coldbrew.agent.errors import AgentUnavailable, HeaderError, ObjectNotFound, UsageError
+from coldbrew.agent.errors import (
+    AgentUnavailable,
+    ColdbrewError,
+    HeaderError,
+    ObjectNotFound,
+    UsageError,
+)
 from coldbrew.loader.device import DEFAULT_BUFFER_BYTES, CpuSink, CudaSink, Slot
 from coldbrew.loader.engine import Budget, FileLoad, Progress, planned_bytes
 from coldbrew.loader.plan import NameFilter
@@ -262,12 +268,26 @@ class _Load:
 
     async def run(self, sink_box: list[Any]) -> None:
         started = time.perf_counter()
+        if _is_remote(self.target.location):
+            self.agent = await self._find_agent()
+        recalled = await self._recall()
+        if recalled is not None and await self._run_recalled(recalled, sink_box, started):
+            return
+        files, names_by_file = await self._files()
+        sources = await self._open_all(files, names_by_file)
+        identities = [s.identity for s in sources]
+        kinds = {type(s) for s in sources}
+        writebacks = await self._run_sources(sources, names_by_file, sink_box, started)
+        self._log_summary()
+        remember = self._may_recall() and kinds <= {OriginSource, CacheFileSource}
+        # Finished in the background: the caller has its tensors.
+        runtime().track(asyncio.ensure_future(self._commit(writebacks, identities if remember else None)))
+
+    async def _run_sources(self, sources: list[Source], names_by_file: list[NameFilter],
+                           sink_box: list[Any], started: float) -> list[Any]:
+        """Load opened sources in order; returns the write-throughs left committing."""
         opts = self.opts
         loop = asyncio.get_running_loop()
-        remote = _is_remote(self.target.location)
-        if remote:
-            self.agent = await self._find_agent()
-        files, names_by_file = await self._files()
         budget = Budget(opts.stream_budget_bytes)
         self.budget_box.append(budget)
         bar = None
@@ -284,7 +304,6 @@ class _Load:
         loaded = 0
         tensors = 0
         try:
-            sources = await self._open_all(files, names_by_file)
             fulls = []
             for source, names in zip(sources, names_by_file):
                 planned = planned_bytes(source, names)
@@ -318,7 +337,7 @@ class _Load:
             if opts.device.type == "cuda":
                 await loop.run_in_executor(None, sink.synchronize)
         except BaseException:
-            for source in locals().get("sources") or []:
+            for source in sources:
                 if source is not None:
                     await source.close()
             for wb in writebacks:
@@ -327,15 +346,113 @@ class _Load:
         finally:
             if bar is not None:
                 bar.close()
-        for wb in writebacks:  # finished in the background: the caller has its tensors
-            runtime().track(asyncio.ensure_future(wb.commit()))
-        seconds = time.perf_counter() - started
-        self.out.stats.update({"bytes": loaded, "tensors": tensors, "seconds": seconds,
-                               "bytes_by_source": by_kind, "files": len(files)})
+        self.out.stats.update({"bytes": loaded, "tensors": tensors,
+                               "seconds": time.perf_counter() - started,
+                               "bytes_by_source": by_kind, "files": len(sources)})
+        return writebacks
+
+    def _log_summary(self) -> None:
+        st = self.out.stats
+        seconds, loaded = st["seconds"], st["bytes"]
         log.info("coldbrew.loader: loaded %s: %d tensors, %d file(s), %s in %.2f s (%.2f GB/s) "
-                 "to %s; bytes from %s", self.target.location, tensors, len(files), _size(loaded),
-                 seconds, loaded / seconds / 1e9 if seconds else 0.0, opts.device,
-                 ", ".join(f"{k} {_size(v)}" for k, v in sorted(by_kind.items())) or "nowhere")
+                 "to %s; bytes from %s", self.target.location, st["tensors"], st["files"],
+                 _size(loaded), seconds, loaded / seconds / 1e9 if seconds else 0.0,
+                 self.opts.device, ", ".join(f"{k} {_size(v)}" for k, v in
+                                             sorted(st["bytes_by_source"].items())) or "nowhere")
+
+    # --- warm starts from the write-through cache ------------------------------------------
+
+    def _may_recall(self) -> bool:
+        """Whole loads without an agent, into memory the call returns (not streamed)."""
+        return (self.cache is not None and self.agent is None and self.opts.names is None
+                and self.opts.stream_budget_bytes is None and self.target.is_dir is not None
+                and _is_remote(self.target.location))
+
+    def _record_key(self) -> str:
+        return ("dir:" if self.target.is_dir else "file:") + self.target.location
+
+    async def _recall(self) -> list[Any] | None:
+        """The committed entries of the files this location had last time, if all are here."""
+        if not self._may_recall():
+            return None
+        cache = self.cache
+        assert cache is not None
+
+        def look() -> list[Any] | None:
+            identities = cache.recall(self._record_key())
+            if not identities:
+                return None
+            entries = [cache.lookup(i) for i in identities]
+            return None if any(e is None for e in entries) else entries
+
+        return await asyncio.get_running_loop().run_in_executor(None, look)
+
+    async def _commit(self, writebacks: list[Any], identities: list[Any] | None) -> None:
+        """Commit the write-throughs; if all land, record the location for warm starts."""
+        committed = await asyncio.gather(*(wb.commit() for wb in writebacks))
+        if identities is not None and all(committed) and self.cache is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.cache.remember, self._record_key(), identities)
+
+    async def _run_recalled(self, entries: list[Any], sink_box: list[Any], started: float) -> bool:
+        """Load the cached copies while the origin confirms they are current, in parallel.
+
+        A warm start should not wait for S3 (client set-up, listing, a HEAD per
+        file: most of a second) before reading local bytes. The tensors are only
+        handed over once the origin's files and versions equal the recalled
+        ones; otherwise (or if a cached copy fails its checks) the result is
+        dropped and the caller's load runs the normal way. Errors from the origin
+        (a missing bucket, bad credentials) are raised as they would be then.
+        """
+        expected = [e.identity for e in entries]
+        check = asyncio.ensure_future(self._current_identities())
+        try:
+            loaded = True
+            try:
+                sources: list[Source] = []
+                for entry in entries:
+                    sources.append(await CacheFileSource.open_entry(
+                        entry, self.cache, None, entry.identity.uri))
+                await self._run_sources(sources, [None] * len(sources), sink_box, started)
+            except (ColdbrewError, OSError) as e:
+                for source in sources:
+                    if source is not None:
+                        await source.close()
+                log.info("coldbrew.loader: the cached copy of %s could not be used (%s); "
+                         "loading again", self.target.location, e)
+                loaded = False
+            current = await check
+        finally:
+            check.cancel()
+        if loaded and current == expected:
+            self.out.stats["checked_while_loading"] = True
+            self._log_summary()
+            return True
+        if loaded:
+            log.info("coldbrew.loader: %s changed at the origin since it was cached; loading "
+                     "the current version", self.target.location)
+        self._reset(sink_box)
+        return False
+
+    async def _current_identities(self) -> list[Any]:
+        """The location's files and versions at the origin now, checked on a private loop.
+
+        Setting up an S3 client (imports, botocore's service models) holds a
+        thread for most of a second; on the load's own loop that would stall
+        the reads it is meant to overlap.
+        """
+        check = _VersionCheck(self.target, self.opts)
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: asyncio.run(check.identities()))
+
+    def _reset(self, sink_box: list[Any]) -> None:
+        """Forget a result that will not be handed over."""
+        self.out.clear()
+        self.out.files.clear()
+        self.out.metadata = None
+        self.out.stats.clear()
+        sink_box.clear()
+        self.budget_box.clear()
 
     def _emitter(self) -> Callable[[Slot], None]:
         return lambda slot: self.emit(slot.entry.name, slot)
@@ -482,19 +599,22 @@ class _Load:
                       if e["type"] == "file" and e["name"].endswith(".safetensors"))
 
     async def _origin(self, uri: str) -> Any:
-        from coldbrew.agent.config import OriginSettings
         from coldbrew.agent.origin import Origin
 
-        root = origin_root(uri)
-        overrides: dict[str, Any] = {"fetch_concurrency": self.opts.concurrency}
-        if self.opts.endpoint_url:
-            overrides["endpoint_url"] = self.opts.endpoint_url
-        settings = OriginSettings.from_env(root, **overrides)
+        settings = self._origin_settings(uri)
 
         async def make() -> Any:
             return Origin(settings)
 
         return await runtime().bound(("origin", settings), make)
+
+    def _origin_settings(self, uri: str) -> Any:
+        from coldbrew.agent.config import OriginSettings
+
+        overrides: dict[str, Any] = {"fetch_concurrency": self.opts.concurrency}
+        if self.opts.endpoint_url:
+            overrides["endpoint_url"] = self.opts.endpoint_url
+        return OriginSettings.from_env(origin_root(uri), **overrides)
 
     async def _open_all(self, files: list[str], names: list[NameFilter]) -> list[Source]:
         gate = asyncio.Semaphore(8)
@@ -534,6 +654,35 @@ class _Load:
                                 "origin", location, e)
                     self.cache.discard(entry)
         return await OriginSource.open(origin, info, self.opts.concurrency)
+
+
+class _VersionCheck(_Load):
+    """Lists a location and stats its files with origins of its own (its own loop)."""
+
+    def __init__(self, target: _Target, opts: Options) -> None:
+        super().__init__(target, opts, emit=lambda name, slot: None, out=StateDict())
+        self.cache = None
+        self._origins: dict[Any, Any] = {}
+
+    async def _origin(self, uri: str) -> Any:
+        from coldbrew.agent.origin import Origin
+
+        settings = self._origin_settings(uri)
+        if settings not in self._origins:
+            self._origins[settings] = Origin(settings)
+        return self._origins[settings]
+
+    async def identities(self) -> list[Any]:
+        try:
+            files, _ = await self._files()
+
+            async def identity(uri: str) -> Any:
+                return (await (await self._origin(uri)).stat(uri)).identity
+
+            return list(await asyncio.gather(*(identity(f) for f in files)))
+        finally:
+            for origin in self._origins.values():
+                await origin.close()
 
 
 # --- helpers -------------------------------------------------------------------------------

@@ -33,6 +33,12 @@ Layout (versioned)::
     <cache_dir>/coldbrew-loader-v1/files/<uri-key>/<identity-key>.safetensors
     <cache_dir>/coldbrew-loader-v1/files/<uri-key>/<identity-key>.json
     <cache_dir>/coldbrew-loader-v1/tmp/<identity-key>.<pid>.<token>.part
+    <cache_dir>/coldbrew-loader-v1/locations/<location-key>.json
+
+A *location record* remembers which files (and versions) a whole load of a URI
+found last time, once all of them are committed. The next load of that URI
+reads those entries at once while the origin confirms, in parallel, that they
+are still current; if not, the result is thrown away and the load runs again.
 """
 
 from __future__ import annotations
@@ -125,6 +131,7 @@ class WriteThroughCache:
         self.base = self.root / LAYOUT
         self.files = self.base / "files"
         self.tmp = self.base / "tmp"
+        self.locations = self.base / "locations"
         self._swept = False
 
     def _paths(self, identity: FileIdentity) -> tuple[Path, Path]:
@@ -165,6 +172,34 @@ class WriteThroughCache:
         for p in (meta_path, data_path):
             try:
                 p.unlink()
+            except OSError:
+                pass
+
+    def recall(self, location: str) -> tuple[FileIdentity, ...] | None:
+        """The files a complete load of ``location`` found last time, or None."""
+        try:
+            record = json.loads((self.locations / f"{_uri_key(location)}.json").read_bytes())
+            if record.get("format") != FORMAT or record.get("location") != location:
+                return None
+            return tuple(FileIdentity(str(f["uri"]), str(f["etag"]), int(f["size"]))
+                         for f in record["files"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def remember(self, location: str, identities: Sequence[FileIdentity]) -> None:
+        """Record what a complete load of ``location`` found (a hint: never trusted alone)."""
+        record = {"format": FORMAT, "location": location,
+                  "files": [{"uri": i.uri, "etag": i.etag, "size": i.size} for i in identities]}
+        path = self.locations / f"{_uri_key(location)}.json"
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        try:
+            self.locations.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path)
+        except OSError as e:
+            log.debug("coldbrew.loader: could not record %s (%s)", location, e)
+            try:
+                tmp.unlink()
             except OSError:
                 pass
 

@@ -7,22 +7,17 @@ from pathlib import Path
 import pytest
 
 from coldbrew.agent.config import (
-    GiB,
-    KiB,
-    MiB,
     SETTINGS,
     SizeOrPercent,
-    TiB,
-    format_size,
     load_config,
     parse_address,
     parse_bool,
     parse_chunk_size,
     parse_origin,
-    parse_size,
     parse_size_or_percent,
 )
 from coldbrew.agent.errors import ConfigError
+from coldbrew.agent.units import GiB, KiB, MiB, TiB, format_size, parse_size
 
 # endpoint_url and region are (wrongly) required today: see
 # test_endpoint_and_region_are_optional. Every other test supplies them.

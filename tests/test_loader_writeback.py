@@ -18,12 +18,12 @@ import pytest
 import xxhash
 
 import coldbrew.loader.sources as sources
-from coldbrew.agent.errors import ObjectChanged
+from coldbrew.agent.errors import ObjectChanged, ObjectNotFound
 from coldbrew.agent.manifest import FileIdentity
-from coldbrew.loader import load_file, wait_writeback
+from coldbrew.loader import load_dir, load_file, wait_writeback
 from coldbrew.loader.writeback import LAYOUT, WriteThroughCache
 from support.faultproxy import Fault
-from test_loader_files import assert_same, make_file, reference
+from test_loader_files import assert_same, make_file, reference, write_shards
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -78,7 +78,8 @@ def test_first_load_leaves_verified_entry_second_reads_no_s3_byte(env, model, pr
 
 
 def test_corrupt_cache_block_is_read_from_origin_and_entry_dropped(env, model, proxy, tmp_path,
-                                                                   s3_client, bucket):
+                                                                   s3_client, bucket, caplog):
+    caplog.set_level("INFO", logger="coldbrew.loader")
     uri, data, ref = model
     cache_dir = tmp_path / "cache"
     load_file(uri, endpoint_url=proxy.url, cache_dir=cache_dir)
@@ -96,8 +97,76 @@ def test_corrupt_cache_block_is_read_from_origin_and_entry_dropped(env, model, p
     assert_same(got, ref)
     by = got.stats["bytes_by_source"]
     assert 0 < by["origin"] <= entry.block_bytes and by["cache"] > 0
+    assert "could not be used" in caplog.text, "the warm start met the bad block first"
+    assert "checked_while_loading" not in got.stats
     assert 1 <= proxy.counts["ranged_gets"] <= 4
     assert cache.lookup(identity) is None, "a corrupt entry is dropped"
+
+
+# --- warm starts: cached bytes read while the origin confirms the versions -----------------
+
+
+@pytest.fixture
+def sharded(bucket, s3_client, tmp_path):
+    """A 3-shard model dir with an index, in S3 under m/dir/, and its reference tensors."""
+    files = write_shards(tmp_path / "dir", 5, 3, index=True)
+    for p in (tmp_path / "dir").iterdir():
+        s3_client.put_object(Bucket=bucket, Key=f"m/dir/{p.name}", Body=p.read_bytes())
+    ref: dict = {}
+    for path in files.values():
+        ref.update(reference(path)[0])
+    return f"s3://{bucket}/m/dir/", files, ref
+
+
+def test_warm_dir_load_reads_cache_while_origin_confirms(env, sharded, proxy, tmp_path):
+    uri, files, ref = sharded
+    cache_dir = tmp_path / "cache"
+    first = load_dir(uri, endpoint_url=proxy.url, cache_dir=cache_dir)
+    assert_same(first, ref)
+    assert "checked_while_loading" not in first.stats
+    assert wait_writeback(30)
+    assert list((cache_dir / LAYOUT / "locations").glob("*.json")), "the location was recorded"
+
+    proxy.reset_counts()
+    second = load_dir(uri, endpoint_url=proxy.url, cache_dir=cache_dir)
+    assert_same(second, ref)
+    assert second.stats["checked_while_loading"] is True
+    assert second.stats["bytes_by_source"] == {"cache": second.stats["bytes"]}
+    assert second.files == [uri + name for name in sorted(files)]
+    index_bytes = (tmp_path / "dir" / "model.safetensors.index.json").stat().st_size
+    assert proxy.counts["response_body_bytes"] == index_bytes, "no tensor byte came from S3"
+    assert proxy.counts["by_method"]["HEAD"] >= len(files), "every file's version was checked"
+
+
+def test_replaced_object_is_never_served_from_a_warm_start(env, model, proxy, tmp_path, s3_client,
+                                                          bucket, caplog):
+    caplog.set_level("INFO", logger="coldbrew.loader")
+    uri, data, _ = model
+    cache_dir = tmp_path / "cache"
+    load_file(uri, endpoint_url=proxy.url, cache_dir=cache_dir)
+    assert wait_writeback(30)
+    new = make_file(1234, count=12, big=True)
+    s3_client.put_object(Bucket=bucket, Key="m/model.safetensors", Body=new)
+    (tmp_path / "new.safetensors").write_bytes(new)
+    got = load_file(uri, endpoint_url=proxy.url, cache_dir=cache_dir)
+    assert_same(got, reference(tmp_path / "new.safetensors")[0])
+    assert "changed at the origin since it was cached" in caplog.text, "the warm start really ran"
+    assert got.stats["bytes_by_source"] == {"origin": got.stats["bytes"]}
+    assert wait_writeback(30)
+    third = load_file(uri, endpoint_url=proxy.url, cache_dir=cache_dir)
+    assert third.stats["checked_while_loading"] is True
+    assert_same(third, reference(tmp_path / "new.safetensors")[0])
+
+
+def test_deleted_object_is_an_error_not_a_stale_warm_start(env, model, tmp_path, s3_client, bucket):
+    uri, data, _ = model
+    cache_dir = tmp_path / "cache"
+    load_file(uri, cache_dir=cache_dir)
+    assert wait_writeback(30)
+    assert WriteThroughCache(cache_dir).recall("file:" + uri)
+    s3_client.delete_object(Bucket=bucket, Key="m/model.safetensors")
+    with pytest.raises(ObjectNotFound, match="model.safetensors"):
+        load_file(uri, cache_dir=cache_dir)
 
 
 def test_torn_or_foreign_entries_are_never_served(env, model, tmp_path, s3_client, bucket, proxy):

@@ -525,6 +525,54 @@ def test_the_file_being_written_is_not_evicted_to_make_room_for_itself(make_stor
     assert entry.present == {0, 1}
 
 
+def test_concurrent_writers_never_overshoot_the_limit(make_store, monkeypatch):
+    """Eight chunks written at once into room for four: four land, four are CacheFull.
+
+    Each write is held in the middle (after its room was granted, before it is
+    counted as used) until all eight have asked for room: the window in which
+    writers that only looked at the used bytes all saw the same free space.
+    """
+    import threading
+
+    store = make_store(limits=Limits(size_bytes=4 * CHUNK, reserve_bytes=0))
+    entry = store.entry(ident(size=8 * CHUNK))
+    asked = threading.Barrier(8, timeout=10)
+    real_write = store._write_file
+
+    def held_write(path, data):
+        real_write(path, data)
+        asked.wait()  # every writer has been granted room, or refused, by now
+
+    real_make_room = store._make_room
+
+    def make_room(nbytes, for_entry):
+        try:
+            real_make_room(nbytes, for_entry)
+        except CacheFull:
+            asked.wait()
+            raise
+
+    monkeypatch.setattr(store, "_write_file", held_write)
+    monkeypatch.setattr(store, "_make_room", make_room)
+    outcomes: list[str] = []
+
+    def write(i: int) -> None:
+        try:
+            store.write_chunk(entry, i, memoryview(blob(CHUNK, i)))
+            outcomes.append("stored")
+        except CacheFull:
+            outcomes.append("full")
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(outcomes) == ["full"] * 4 + ["stored"] * 4
+    assert store.used_bytes == 4 * CHUNK and len(entry.present) == 4
+    assert store._reserved == 0, "every reservation was given back"
+
+
 def test_unpin_makes_a_file_evictable_again(make_store):
     store = make_store(limits=Limits(size_bytes=4 * CHUNK, reserve_bytes=0))
     a, _ = fill(store, two_chunk("a.bin"))
