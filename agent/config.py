@@ -80,6 +80,33 @@ def parse_port(text: str | int) -> int:
     return int(text)
 
 
+def parse_mode(text: str | int) -> int:
+    """``'0660'`` → 0o660: permission bits, written in octal as for chmod."""
+    try:
+        mode = text if isinstance(text, int) else int(str(text).strip(), 8)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an octal file mode (e.g. 0660)") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"{text!r} is not a file mode between 0000 and 0777")
+    return mode
+
+
+def parse_group(text: str | int | None) -> int | None:
+    """A group name or numeric gid → gid; empty → None (the agent's own group)."""
+    if text is None or str(text).strip() == "":
+        return None
+    value = str(text).strip()
+    if value.isdigit():
+        return int(value)
+    import grp
+
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise ValueError(f"no group named {value!r} on this node (give a name or a numeric gid)"
+                         ) from None
+
+
 def parse_bool(text: str | bool) -> bool:
     if isinstance(text, bool):
         return text
@@ -170,6 +197,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("chunk_size", parse_chunk_size, 16 * MiB,
             "unit of fetch, cache and integrity; power of two"),
     Setting("socket", Path, Path("/run/coldbrew/agent.sock"), "control API unix socket path"),
+    Setting("socket_mode", parse_mode, 0o660,
+            "permissions of the control socket, octal (0666: any process that sees it)"),
+    Setting("socket_group", parse_group, None,
+            "group owning the control socket (name or gid), so non-root runners in it can connect"),
     Setting("metrics_address", parse_address, ("0.0.0.0", 9400),
             "host:port for /metrics, /healthz, /readyz (port 0 picks a free one)"),
     Setting("fetch_concurrency", _positive(int), 8, "parallel ranged GETs to the origin"),
@@ -237,6 +268,8 @@ class AgentConfig:
     cache_reserve: SizeOrPercent
     chunk_size: int
     socket: Path
+    socket_mode: int
+    socket_group: int | None
     metrics_address: tuple[str, int]
     fetch_concurrency: int
     retry_attempts: int

@@ -192,7 +192,13 @@ class Agent:
         runner = web.AppRunner(self.api.control_app(), access_log=None)
         await runner.setup()
         await web.UnixSite(runner, str(path)).start()
-        os.chmod(path, 0o660)
+        if self.config.socket_group is not None:
+            try:
+                os.chown(path, -1, self.config.socket_group)
+            except OSError as e:
+                raise ConfigError(f"socket_group: cannot give {path} to group "
+                                  f"{self.config.socket_group}: {e.strerror}") from e
+        os.chmod(path, self.config.socket_mode)
         self._runners.append(runner)
 
     async def _sweep_leases(self) -> None:

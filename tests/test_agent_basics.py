@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
 import urllib.request
+from pathlib import Path
+
+import pytest
 
 from support.data import put_random
 
@@ -144,3 +153,47 @@ def test_get_streams_when_the_client_cannot_see_the_cache(bucket, s3_client, mak
     assert dest.read_bytes() == data
     assert agent.metric("coldbrew_corrupt_chunks_total", source="cache") == 0
     assert "corrupt" not in agent.log(), "an unreadable cache file is not corruption"
+
+
+NOBODY = 65534
+
+
+def connect_as_nobody(path: Path) -> int:
+    """Connect to ``path`` from a child that has become uid/gid 65534: 0, or the errno."""
+    pid = os.fork()
+    if pid == 0:  # the child: no Python-level cleanup, just the answer
+        code = 0
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(path))
+        except OSError as e:
+            code = e.errno or 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_socket_mode_and_group_decide_which_runners_may_connect(bucket, make_agent):
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root")
+    shared = Path(tempfile.mkdtemp(prefix="coldbrew-sockets-"))
+    shared.chmod(0o755)  # as /run/coldbrew is: any runner may reach the socket file itself
+    try:
+        agents = {}
+        for name, args in (("plain", []), ("grouped", ["--socket-group", str(NOBODY)]),
+                           ("open", ["--socket-mode", "0666"])):
+            a = make_agent(f"s3://{bucket}", start=False, name=name, extra_args=args)
+            a.socket = shared / f"{name}.sock"
+            agents[name] = a.start()
+        modes = {n: stat.S_IMODE(os.stat(a.socket).st_mode) for n, a in agents.items()}
+        assert modes == {"plain": 0o660, "grouped": 0o660, "open": 0o666}
+        assert os.stat(agents["grouped"].socket).st_gid == NOBODY
+        assert connect_as_nobody(agents["plain"].socket) == errno.EACCES
+        assert connect_as_nobody(agents["grouped"].socket) == 0
+        assert connect_as_nobody(agents["open"].socket) == 0
+        assert agents["grouped"].client.health()["ready"] is True  # root still gets in
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -13,6 +13,8 @@ from coldbrew.agent.config import (
     parse_address,
     parse_bool,
     parse_chunk_size,
+    parse_group,
+    parse_mode,
     parse_origin,
     parse_size_or_percent,
 )
@@ -148,6 +150,28 @@ def test_parse_address(text, expected):
 def test_parse_address_rejects_bad_addresses(text):
     with pytest.raises(ValueError, match="is not host:port"):
         parse_address(text)
+
+
+def test_socket_mode_and_group_parse_and_default():
+    assert parse_mode("0666") == 0o666 and parse_mode("660") == 0o660 and parse_mode(0o600) == 0o600
+    assert parse_group("0") == 0 and parse_group("root") == 0 and parse_group("") is None
+    cfg = load_config(env={**ORIGIN_ENV, "COLDBREW_SOCKET_GROUP": "65534", "COLDBREW_SOCKET_MODE": "0666"})
+    assert cfg.socket_group == 65534 and cfg.socket_mode == 0o666
+    cfg = load_config(env=ORIGIN_ENV)
+    assert cfg.socket_mode == 0o660 and cfg.socket_group is None
+
+
+@pytest.mark.parametrize("text, message", [("rw-rw----", "not an octal file mode"),
+                                           ("0999", "not an octal file mode"),
+                                           ("01777", "between 0000 and 0777")])
+def test_bad_socket_modes_say_what_a_mode_looks_like(text, message):
+    with pytest.raises(ConfigError, match=f"socket_mode: .*{message}.*COLDBREW_SOCKET_MODE"):
+        load_config(env={**ORIGIN_ENV, "COLDBREW_SOCKET_MODE": text})
+
+
+def test_unknown_socket_group_is_named():
+    with pytest.raises(ConfigError, match="socket_group: no group named 'no-such-group-cb'"):
+        load_config(env={**ORIGIN_ENV, "COLDBREW_SOCKET_GROUP": "no-such-group-cb"})
 
 
 @pytest.mark.parametrize("text", ["1", "true", "TRUE", " yes ", "on", True])
