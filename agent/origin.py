@@ -1,6 +1,8 @@
 """The origin store: object metadata and ranged reads through fsspec, with retries.
 
-S3 (``s3://``) goes through s3fs's async client; any other fsspec protocol
+S3 (``s3://``) goes through s3fs's async client for listings, and through one
+botocore client in worker threads for object bytes and the HEAD of a known key
+(:mod:`.s3data`); any other fsspec protocol
 (``file://``, ``memory://``, ``gs://``...) works through fsspec's generic API in
 a worker thread. Either way the rest of the agent sees three operations —
 :meth:`Origin.stat`, :meth:`Origin.expand` and :meth:`Origin.read_into` — and
