@@ -54,13 +54,12 @@ async def publish(uri: str, chunk_size: int, settings: OriginSettings, *, force:
 async def _publish_one(origin: Origin, info: ObjectInfo, chunk_size: int, concurrency: int,
                        force: bool, on_bytes: Callable[[int], None] | None) -> Published:
     target = sidecar_uri(info.uri)
-    count = -(-info.size // chunk_size)
+    manifest = Manifest(info.identity, chunk_size)
+    layout = manifest.layout
     if not force and await _up_to_date(origin, target, info, chunk_size):
         if on_bytes:
             on_bytes(info.size)
-        return Published(info.uri, target, count, skipped=True)
-    manifest = Manifest(info.identity, chunk_size)
-    layout = manifest.layout
+        return Published(info.uri, target, layout.count, skipped=True)
     pending = iter(range(layout.count))
 
     async def worker() -> None:

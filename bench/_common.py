@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -286,6 +286,40 @@ def upload_random(client: Any, bucket: str, key: str, size: int, part: int = 64 
     except BaseException:
         client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=up["UploadId"])
         raise
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_guarded(run: Callable[[], None], close: Callable[[], None],
+                on_failure: Callable[[], None] | None = None) -> int:
+    """Run a benchmark so that it always cleans up (S3 server, agents, mounts, temp dirs).
+
+    SIGTERM and SIGHUP count as Ctrl-C; while ``close`` runs, a second Ctrl-C
+    cannot cut it short. Returns 0, 1 (it broke: ``on_failure`` may print
+    logs) or 130 (interrupted).
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    status = 0
+    try:
+        run()
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+        status = 130
+    except Exception as e:  # noqa: BLE001 - report what we have, then the error
+        print(f"\nbenchmark failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if on_failure is not None:
+            on_failure()
+        status = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        close()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return status
 
 
 def log(msg: str) -> None:

@@ -46,7 +46,6 @@ import re
 import resource
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -732,10 +731,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
@@ -748,29 +743,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.drop_caches and not C.can_drop_caches():
         print("cannot write /proc/sys/vm/drop_caches (run as root, or pass --no-drop-caches)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
     full_argv = [sys.executable, *sys.argv]
     bench = Bench(args)
     if not args.drop_caches:
         bench.notes.append("the page cache was not dropped between contenders"
                            + ("" if C.can_drop_caches() else " (not root)"))
     started = time.time()
-    status = 0
-    try:
-        bench.run()
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        status = 130
-    except Exception as e:  # noqa: BLE001 - report what we have, then the error
-        print(f"\nbenchmark failed: {type(e).__name__}: {e}", file=sys.stderr)
-        status = 1
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        bench.close()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    status = C.run_guarded(bench.run, bench.close)
     if not bench.runs:
         return status
     rep = bench.report()

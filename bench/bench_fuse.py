@@ -39,7 +39,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -380,10 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 1 <= args.runs <= 100:
@@ -393,23 +388,14 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_fuse needs root, /dev/fuse and fusermount3 (Debian: apt-get install fuse3)",
               file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
     full_argv = [sys.executable, *sys.argv]
     bench = Bench(args)
-    status = 0
-    try:
-        bench.run()
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        status = 130
-    except Exception as e:  # noqa: BLE001 - report what we have, then the error
-        print(f"\nbenchmark failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+    def agent_logs() -> None:
         for agent, _ in bench.agents:
             print(agent.log_tail(), file=sys.stderr)
-        status = 1
-    finally:
-        bench.close()
+
+    status = C.run_guarded(bench.run, bench.close, agent_logs)
     if not bench.runs:
         return status
     rep = bench.report()

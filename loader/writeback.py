@@ -44,6 +44,7 @@ are still current; if not, the result is thrown away and the load runs again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -190,18 +191,18 @@ class WriteThroughCache:
         """Record what a complete load of ``location`` found (a hint: never trusted alone)."""
         record = {"format": FORMAT, "location": location,
                   "files": [{"uri": i.uri, "etag": i.etag, "size": i.size} for i in identities]}
-        path = self.locations / f"{_uri_key(location)}.json"
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        key = _uri_key(location)
+        # In tmp/ and named like the data temp files, so sweep() removes a dead writer's.
+        tmp = self.tmp / f"{key}.{os.getpid()}.{secrets.token_hex(4)}.location"
         try:
+            self.tmp.mkdir(parents=True, exist_ok=True)
             self.locations.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(record))
-            os.replace(tmp, path)
+            os.replace(tmp, self.locations / f"{key}.json")
         except OSError as e:
             log.debug("coldbrew.loader: could not record %s (%s)", location, e)
-            try:
+            with contextlib.suppress(OSError):
                 tmp.unlink()
-            except OSError:
-                pass
 
     # --- writing ---------------------------------------------------------------------
 
