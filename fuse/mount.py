@@ -43,6 +43,7 @@ from types import ModuleType
 from typing import Any
 
 from ..agent.errors import ConfigError
+from . import bufvec
 from .metrics import FuseMetrics
 from .view import View
 
@@ -177,6 +178,7 @@ class Mount:
         self.readahead_bytes = readahead_bytes
         self.metadata_ttl_s = metadata_ttl_s
         self.dev: int | None = None
+        self.splice = False  # the kernel takes spliced replies (set at init)
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -222,9 +224,14 @@ class Mount:
         readahead_kib = set_readahead(self.mountpoint, self.readahead_bytes)
         self.metrics.mounted.set(1)
         log.info("FUSE view mounted", extra={"mountpoint": str(self.mountpoint),
-                                             "read_ahead_kb": readahead_kib})
+                                             "read_ahead_kb": readahead_kib, "splice": self.splice})
 
     def _on_init(self, conn: Any, config: Any) -> None:
+        # Replies to reads are file ranges (View.read_buf): let libfuse splice them from the
+        # cache files' page cache into the kernel instead of copying them through its buffer.
+        if conn is not None and conn.capable & bufvec.FUSE_CAP_SPLICE_WRITE:
+            conn.want |= bufvec.FUSE_CAP_SPLICE_WRITE
+            self.splice = True
         self._ready.set()
 
     @property

@@ -11,13 +11,14 @@ syscall fails with EIO — a reader never hangs on a dead origin. Everything els
 (attributes from the listing cache, bytes of a chunk already on disk) is answered on
 the FUSE thread without touching the loop.
 
-Bytes. A chunk present on disk is mapped (``mmap``, private, never written), checked
-against its digest once, and handed to libfuse as a ctypes view over the mapping, so
-Python copies nothing: libfuse copies the bytes once, into the kernel. The check is
-remembered per chunk file identity (inode, mtime, size): a chunk file replaced or
-touched on disk is checked again, and one that fails is dropped (counted as corrupt)
-and fetched again. Chunks the cache could not store (disk full or failing) come back
-from the fetcher as bytes and are kept per open file, a few at a time.
+Bytes. A chunk present on disk is opened, checked against its digest once, and kept
+open; a read is answered with ``read_buf``: the descriptor and offset go to libfuse,
+which moves the bytes into the kernel itself (spliced, where the kernel allows), so
+no Python code copies a cached byte. The check is remembered per chunk file identity
+(inode, mtime, size): a chunk file replaced or touched on disk is checked again, and
+one that fails is dropped (counted as corrupt) and fetched again. Chunks the cache
+could not store (disk full or failing) come back from the fetcher as bytes and are
+kept per open file, a few at a time.
 
 Page cache. An open file is pinned to one ETag (``Fetcher.open``), so its bytes never
 change: the kernel may keep them across opens (``keep_cache``), and a second read runs
@@ -37,7 +38,6 @@ mounted); :mod:`coldbrew.fuse.mount` hands a :class:`View` to mfusepy.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import fnmatch
 import functools
@@ -59,14 +59,15 @@ from ..agent.errors import ColdbrewError, ObjectChanged, RequestTimeout, errno_f
 from ..agent.fetcher import Fetcher, OpenFile, Priority
 from ..agent.manifest import digest
 from ..agent.origin import ObjectInfo
+from . import bufvec
 from .metrics import FuseMetrics
 
 log = logging.getLogger("coldbrew.fuse")
 
 T = TypeVar("T")
 
-#: Chunk mappings kept (verified) across reads; each is address space, not memory.
-_MAPPINGS_KEPT = 512
+#: Checked chunk files kept open across reads (one descriptor each).
+_FDS_KEPT = 256
 #: Chunks the cache could not store, kept per open file (bytes in memory).
 _UNCACHED_KEPT = 4
 
@@ -102,11 +103,15 @@ class _Handle:
     last_index: int = -1
 
 
-@dataclass
+@dataclass(eq=False)
 class _Mapping:
+    """A chunk file checked against its digest, held open to serve reads from."""
+
+    key: tuple[str, int]  # (entry key, chunk index)
     identity: tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size) of the chunk file checked
     path: str
-    view: mmap.mmap
+    fd: int
+    closed: bool = False
 
 
 @dataclass
@@ -186,8 +191,9 @@ class View:
         self._open_per_entry: dict[str, int] = {}
         self._pages: dict[str, _PageState] = {}
         self._maps: OrderedDict[tuple[str, int], _Mapping] = OrderedDict()
+        self._served: dict[int, tuple[int, ...]] = {}  # thread -> descriptors of its last reply
+        self._retired: list[_Mapping] = []  # dropped from _maps, closed once no reply uses them
         self._stripes = [threading.Lock() for _ in range(64)]
-        self._local = threading.local()
         self.on_init: Callable[[Any, Any], None] | None = None
 
     # --- the bridge to the agent's event loop -------------------------------------------------
@@ -370,8 +376,7 @@ class View:
                 self._open_per_entry[key] = left
             else:
                 self._open_per_entry.pop(key, None)
-                for map_key in [k for k in self._maps if k[0] == key]:
-                    del self._maps[map_key]  # unmapped once no read holds a view over it
+                self._close_entry(key)
             page = self._pages.get(handle.rel)
             if page is not None:
                 etag = handle.file.info.etag
@@ -383,39 +388,50 @@ class View:
         return 0
 
     @_op("read")
-    def read(self, path: str | None, size: int, offset: int, fi: Any) -> Any:
+    def read_buf(self, path: str | None, bufpp: Any, size: int, offset: int, fi: Any) -> int:
+        """Answer a read with where its bytes are: libfuse moves them (see :mod:`.bufvec`)."""
         handle = self._handles.get(fi.fh)
         if handle is None:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         f = handle.file
         end = min(offset + size, f.info.size)
-        if offset >= end:
-            return b""
-        layout = f.entry.layout
+        pieces = self._pieces(handle, offset, end) if offset < end else []
+        if len(pieces) == 1 and isinstance(pieces[0], tuple):
+            addr = bufvec.from_file(*pieces[0])
+        else:  # several chunks or bytes in memory: one joined copy
+            addr = bufvec.from_pieces(pieces)
+        bufvec.hand_over(bufpp, addr)
+        self.metrics.read_bytes.inc(max(end - offset, 0))
+        return 0
+
+    def _pieces(self, handle: _Handle, offset: int, end: int) -> list[bufvec.FilePiece | bytearray]:
+        """Where bytes [offset, end) are; every file descriptor in it stays open until this
+        thread's next read (libfuse reads from them after we return)."""
+        layout = handle.file.entry.layout
         first, last = offset // layout.chunk_size, (end - 1) // layout.chunk_size
-        if first == last:
-            buf, start = self._chunk(handle, first), first * layout.chunk_size
-            out = (ctypes.c_char * (end - offset)).from_buffer(buf, offset - start)
-        else:  # the request spans chunks: join the pieces in this thread's scratch buffer
-            scratch = self._scratch(end - offset)
-            pos = 0
-            for index in range(first, last + 1):
-                buf, start = self._chunk(handle, index), index * layout.chunk_size
-                lo, hi = max(offset, start) - start, min(end, start + len(buf)) - start
-                scratch[pos:pos + hi - lo] = memoryview(buf)[lo:hi]
-                pos += hi - lo
-            out = (ctypes.c_char * pos).from_buffer(scratch)
-        self.metrics.read_bytes.inc(end - offset)
-        return out
+        for _ in range(8):
+            sources = [self._chunk(handle, index) for index in range(first, last + 1)]
+            with self._lock:
+                if any(isinstance(s, _Mapping) and s.closed for s in sources):
+                    continue  # evicted between lookup and here (rare): look again
+                self._served[threading.get_ident()] = tuple(
+                    s.fd for s in sources if isinstance(s, _Mapping))
+                self._close_retired()
+            break
+        else:
+            raise OSError(errno.EIO, f"{handle.file.info.uri}: chunk files kept changing under the read")
+        pieces: list[bufvec.FilePiece | bytearray] = []
+        for index, source in zip(range(first, last + 1), sources):
+            start = index * layout.chunk_size
+            lo, hi = max(offset, start) - start, min(end, start + layout.length(index)) - start
+            if isinstance(source, _Mapping):
+                pieces.append((source.fd, lo, hi - lo))
+            else:
+                pieces.append(source if (lo, hi) == (0, len(source)) else source[lo:hi])
+        return pieces
 
-    def _scratch(self, n: int) -> bytearray:
-        buf = getattr(self._local, "scratch", None)
-        if buf is None or len(buf) < n:
-            buf = self._local.scratch = bytearray(max(n, 1 << 20))
-        return buf
-
-    def _chunk(self, handle: _Handle, index: int) -> mmap.mmap | bytearray:
-        """A writable-buffer object holding chunk ``index``'s verified bytes (never written to)."""
+    def _chunk(self, handle: _Handle, index: int) -> _Mapping | bytearray:
+        """Chunk ``index``: a checked chunk file, or the bytes when the cache could not store them."""
         kept = handle.uncached.get(index)
         if kept is not None:
             return kept
@@ -442,8 +458,8 @@ class View:
                 return mapped
         raise OSError(errno.EIO, f"chunk {index} of {f.info.uri} kept failing its digest check")
 
-    def _mapped(self, f: OpenFile, index: int) -> mmap.mmap | None:
-        """The chunk file mapped and checked; None if it is gone or corrupt (then dropped)."""
+    def _mapped(self, f: OpenFile, index: int) -> _Mapping | None:
+        """The chunk file opened and checked; None if it is gone or corrupt (then dropped)."""
         entry = f.entry
         key = (entry.key, index)
         known = self._maps.get(key)
@@ -453,37 +469,83 @@ class View:
         except FileNotFoundError:
             self.store.drop_chunk(entry, index)
             return None
-        if known is not None and known.identity == (st.st_ino, st.st_mtime_ns, st.st_size):
-            return known.view
-        # Kernel read-ahead asks for several pieces of one chunk at once: map and check it once.
+        identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if known is not None and known.identity == identity and not known.closed:
+            return known
+        # Kernel read-ahead asks for several pieces of one chunk at once: open and check it once.
         with self._stripes[hash(key) % len(self._stripes)]:
             known = self._maps.get(key)
-            if known is not None and known.identity == (st.st_ino, st.st_mtime_ns, st.st_size):
-                return known.view
-            return self._map_and_check(entry, index, path)
+            if known is not None and known.identity == identity and not known.closed:
+                return known
+            return self._open_and_check(entry, index, path)
 
-    def _map_and_check(self, entry: Any, index: int, path: str) -> mmap.mmap | None:
+    def _open_and_check(self, entry: Any, index: int, path: str) -> _Mapping | None:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             self.store.drop_chunk(entry, index)
             return None
         try:
             st = os.fstat(fd)
             want = entry.layout.length(index)
-            # Private and copy-on-write: a writable buffer for ctypes, never written to.
-            view = mmap.mmap(fd, want, access=mmap.ACCESS_COPY) if st.st_size == want > 0 else None
-        finally:
+            ok = st.st_size == want > 0
+            if ok:
+                with mmap.mmap(fd, want, access=mmap.ACCESS_READ) as view:
+                    ok = digest(view) == entry.digests.get(index)
+        except BaseException:
             os.close(fd)
-        if view is None or digest(view) != entry.digests.get(index):
+            raise
+        if not ok:
+            os.close(fd)
             self.store.report_corrupt(entry, index)
             return None
+        mapping = _Mapping((entry.key, index), (st.st_ino, st.st_mtime_ns, st.st_size), path, fd)
         with self._lock:
-            self._maps[(entry.key, index)] = _Mapping((st.st_ino, st.st_mtime_ns, st.st_size), path, view)
-            self._maps.move_to_end((entry.key, index))
-            while len(self._maps) > _MAPPINGS_KEPT:
-                self._maps.popitem(last=False)
-        return view
+            old = self._maps.pop((entry.key, index), None)
+            if old is not None:
+                self._retire(old)
+            self._maps[(entry.key, index)] = mapping
+            while len(self._maps) > _FDS_KEPT:
+                self._retire(self._maps.popitem(last=False)[1])
+        return mapping
+
+    # Descriptor lifetime. libfuse reads a reply's bytes from our descriptors after read_buf
+    # returns, on the same thread, before that thread takes its next request. So a
+    # descriptor dropped from ``_maps`` is closed only once no thread's last reply used it.
+    # (All under ``_lock``.)
+
+    def _retire(self, mapping: _Mapping) -> None:
+        self._retired.append(mapping)
+        self._close_retired()
+
+    def _close_retired(self) -> None:
+        if not self._retired:
+            return
+        busy = {fd for fds in self._served.values() for fd in fds}
+        keep = []
+        for mapping in self._retired:
+            if mapping.fd in busy:
+                keep.append(mapping)
+            else:
+                mapping.closed = True
+                os.close(mapping.fd)
+        self._retired = keep
+
+    def _close_entry(self, key: str) -> None:
+        """Close every descriptor of an entry no handle has open: the kernel sends RELEASE only
+        after its last read of the file, so none of them is in use (also those a thread that
+        has since exited served last)."""
+        closing = [self._maps.pop(k) for k in [k for k in self._maps if k[0] == key]]
+        closing += [m for m in self._retired if m.key[0] == key]
+        if not closing:
+            return
+        self._retired = [m for m in self._retired if m.key[0] != key]
+        fds = {m.fd for m in closing}
+        for mapping in closing:
+            mapping.closed = True
+            os.close(mapping.fd)
+        for tid in [t for t, served in self._served.items() if fds.intersection(served)]:
+            del self._served[tid]
 
     # --- read-only: every change is refused ------------------------------------------------------
 
@@ -505,7 +567,12 @@ class View:
             handles = list(self._handles.values())
             self._handles.clear()
             self._open_per_entry.clear()
+            for mapping in [*self._maps.values(), *self._retired]:
+                mapping.closed = True
+                os.close(mapping.fd)
             self._maps.clear()
+            self._retired.clear()
+            self._served.clear()
         for handle in handles:
             self.store.unpin(handle.file.entry)
             self.metrics.open_files.dec()

@@ -8,11 +8,13 @@ behind the view; the view's coroutines run on an event loop in a thread, as in t
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import os
 import stat
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +24,7 @@ from coldbrew.agent.fetcher import Fetcher, OpenFile
 from coldbrew.agent.metrics import AgentMetrics
 from coldbrew.agent.origin import ObjectInfo
 from coldbrew.agent.store import ChunkStore, Limits
+from coldbrew.fuse import bufvec
 from coldbrew.fuse.metrics import FuseMetrics
 from coldbrew.fuse.view import View, ViewSettings, inode_of
 
@@ -122,8 +125,13 @@ def _fi(flags: int = os.O_RDONLY) -> SimpleNamespace:
 
 
 def _read(view: View, path: str, size: int, offset: int, fi) -> bytes:
-    out = view.read(path, size, offset, fi)
-    return bytes(out)
+    """What libfuse would send: the vector read_buf builds, read back, then freed."""
+    slot = ctypes.c_void_p()
+    assert view.read_buf(path, ctypes.pointer(slot), size, offset, fi) == 0
+    try:
+        return bufvec.read_back(slot.value)
+    finally:
+        bufvec.release(slot.value)
 
 
 # --- pure parts ------------------------------------------------------------------------------
@@ -208,6 +216,62 @@ def test_reads_are_exact_pinned_and_verified(world):
     assert not world.store.pinned(handle.file.entry)
 
 
+def _open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_reads_hand_libfuse_descriptors_that_stay_open_while_it_may_use_them(world, monkeypatch):
+    """read_buf answers with (fd, offset): libfuse reads the bytes after we return, so a
+    descriptor evicted meanwhile is closed only after the thread that served it moves on,
+    and every descriptor is closed when the last handle on the file is released."""
+    import coldbrew.fuse.view as view_module
+
+    monkeypatch.setattr(view_module, "_FDS_KEPT", 2)
+    data = os.urandom(4 * CHUNK)
+    world.origin.put("m/fd.dat", data)
+    view = world.view
+    before = _open_fds()
+    fi = _fi()
+    view.open("/m/fd.dat", fi)
+
+    # Another thread (a libfuse worker) serves chunk 0 and keeps its reply's descriptor.
+    worker = ThreadPoolExecutor(1)
+    slot = ctypes.c_void_p()
+    worker.submit(view.read_buf, "/m/fd.dat", ctypes.pointer(slot), 100, 0, fi).result()
+    try:
+        fd0 = bufvec.FuseBufVec.from_address(slot.value).buf[0].fd
+        assert bufvec.read_back(slot.value) == data[:100]
+    finally:
+        bufvec.release(slot.value)
+    # This thread reads chunks 1..3: chunk 0's descriptor leaves the table (only 2 are kept)
+    # but the worker's last reply used it, so it must still be open.
+    for i in (1, 2, 3):
+        assert _read(view, "/m/fd.dat", 100, i * CHUNK, fi) == data[i * CHUNK:i * CHUNK + 100]
+    assert all(key[1] != 0 for key in view._maps), "chunk 0 was evicted from the table"
+    chunk0 = view._handles[fi.fh].file.entry.chunk_path(0)
+    assert _is_open(fd0) and os.fstat(fd0).st_ino == chunk0.stat().st_ino, \
+        "closed while libfuse could still be reading from it"
+    assert len(_open_fds() - before) <= 3  # 2 kept + the one held for the worker
+    # Once the worker serves something else, the old descriptor is closed.
+    assert worker.submit(_read, view, "/m/fd.dat", 100, 3 * CHUNK, fi).result() == data[3 * CHUNK:][:100]
+    assert not _is_open(fd0)
+    # A worker that served last and then went away (libfuse ends idle threads) holds nothing
+    # once the file is released.
+    assert worker.submit(_read, view, "/m/fd.dat", 100, 0, fi).result() == data[:100]
+    worker.shutdown()
+    assert _read(view, "/m/fd.dat", 100, 2 * CHUNK, fi) == data[2 * CHUNK:][:100]
+    view.release("/m/fd.dat", fi)
+    assert _open_fds() == before, "descriptors leaked after the last release"
+
+
 def test_object_changed_under_an_open_file(world):
     data = os.urandom(5 * CHUNK)
     world.origin.put("m/v.dat", data)
@@ -217,7 +281,7 @@ def test_object_changed_under_an_open_file(world):
     assert _read(view, "/m/v.dat", 100, 0, fi) == data[:100]
     world.origin.put("m/v.dat", os.urandom(100), etag="e2")
     assert _read(view, "/m/v.dat", 100, 0, fi) == data[:100], "cached: the pinned version"
-    assert _errno(view.read, "/m/v.dat", 100, 3 * CHUNK, fi) == errno.ESTALE
+    assert _errno(_read, view, "/m/v.dat", 100, 3 * CHUNK, fi) == errno.ESTALE
     assert view.getattr("/m/v.dat", fi)["st_size"] == len(data), "fstat: the pinned version"
     assert view.getattr("/m/v.dat")["st_size"] == 100, "the view forgot the old version at once"
     view.release("/m/v.dat", fi)
@@ -262,7 +326,7 @@ def test_a_stalled_origin_is_eio_after_the_deadline(world):
     view = View(world.fetcher, world.view.loop, ViewSettings(read_timeout_s=0.3), world.view.metrics)
     fi = _fi()
     view.open("/m/slow.dat", fi)
-    assert _errno(view.read, "/m/slow.dat", 10, 0, fi) == errno.EIO
+    assert _errno(_read, view, "/m/slow.dat", 10, 0, fi) == errno.EIO
     assert world.metrics.value("coldbrew_fuse_timeouts_total", op="read") == 1
     view.release("/m/slow.dat", fi)
     time.sleep(0.5)  # let the abandoned fetch end before the loop stops
