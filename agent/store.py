@@ -76,6 +76,23 @@ def _read_journal(path: Path) -> list[bytes]:
     return data[:end].splitlines()
 
 
+def _digest_file(path: Path, want: int) -> tuple[int, str | None]:
+    """A chunk file's size and digest (None if the size is not ``want``).
+
+    Hashed through a read-only mmap: no copy and no buffer to allocate (on these VMs
+    fresh memory is the expensive part), and the pages it faults in are the ones the
+    next reader wants anyway.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != want:
+            return size, None
+        if size == 0:
+            return 0, digest(b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return size, digest(m)
+
+
 @dataclass
 class Entry:
     """One cached file: what is known about its chunks (in memory; disk is the truth)."""
@@ -309,18 +326,11 @@ class ChunkStore:
         the ones the next reader wants anyway.
         """
         try:
-            with open(entry.chunk_path(index), "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != entry.layout.length(index):
-                    ok = False
-                elif size == 0:
-                    ok = digest(b"") == entry.digests.get(index)
-                else:
-                    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                        ok = digest(m) == entry.digests.get(index)
+            _, found = _digest_file(entry.chunk_path(index), entry.layout.length(index))
         except OSError:
             self.drop_chunk(entry, index)
             return False
+        ok = found is not None and found == entry.digests.get(index)
         if not ok:
             self.report_corrupt(entry, index)
         return ok
@@ -374,25 +384,25 @@ class ChunkStore:
     def adopt_chunk(self, entry: Entry, index: int, sha1: str) -> str:
         """Take in chunk ``index`` that libtorrent wrote in place and checked against ``sha1``.
 
-        The file is read back (page cache: it was just written) for its xxh3 digest,
-        then journaled like any other chunk. Returns the digest.
+        The file is hashed where it lies (page cache: it was just written) for its xxh3
+        digest, then journaled like any other chunk. Returns the digest.
         """
         path = entry.chunk_path(index)
+        want = entry.layout.length(index)
         try:
-            data = path.read_bytes()
+            size, chunk_digest = _digest_file(path, want)
         except OSError as e:
             raise CacheError(f"cannot read chunk {index} of {entry.identity.uri} from peers: {e}"
                              ) from e
-        if len(data) != entry.layout.length(index):
+        if chunk_digest is None:
             raise CorruptData(f"chunk {index} of {entry.identity.uri} from peers has "
-                              f"{len(data)} bytes, expected {entry.layout.length(index)}")
-        chunk_digest = digest(data)
+                              f"{size} bytes, expected {want}")
         known = entry.digests.get(index)
         if known is not None and known != chunk_digest:
             raise CorruptData(f"chunk {index} of {entry.identity.uri} from peers differs from "
                               "the bytes verified before (digest mismatch)")
         try:
-            with self._room(entry, index, len(data)):
+            with self._room(entry, index, want):
                 try:
                     self._journal(entry, index, chunk_digest if known is None else None,
                                   sha1 if index not in entry.sha1s else None)

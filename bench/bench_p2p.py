@@ -11,6 +11,13 @@ For each: seconds until every agent has every byte cached (``prewarm --wait`` on
 at the same moment), and the origin bytes the proxy forwarded. Bars: with P2P,
 origin bytes <= 1.1x the model and time(all N) <= 1.6x time(one alone).
 
+Prefault (as in the other benchmarks; ``--no-prefault`` to skip): right before each
+clock, a scratch file as big as what the agents are about to cache (N x the model) is
+written and deleted. These VMs hand freed memory back to the host, and the first write
+to it costs ~1.4 CPU-s per GiB of page cache (see ``_common.prefault_page_cache``). N
+agents on one VM write N models' worth of page cache on the same 2 cores; N real nodes
+each write one, on their own memory and cores.
+
     ./dev bench p2p                      # 1 GiB model, N=4, origin capped at 100 MB/s
     ./dev bench p2p --size 256MiB --n 3  # quicker
 """
@@ -87,6 +94,8 @@ class Bench:
                 a.start()
             if p2p and n > 1:
                 self._wait_peers(agents, n - 1)
+            if self.args.prefault:
+                C.prefault_page_cache(self.workdir, n * self.model_bytes)
             self.proxy.reset_counts()
             cpu0 = [C.proc_cpu_s(a.pid) or 0.0 for a in agents]
             seconds = self._prewarm_all(agents)
@@ -162,7 +171,9 @@ class Bench:
         time_ratio = on["seconds_all"] / alone["seconds_all"]
         print()
         print(f"model {C.format_size(self.model_bytes)} in {self.shards} shards, chunk {CHUNK}, "
-              f"origin capped at {self.args.origin_bw / 1e6:.0f} MB/s, N = {n}")
+              f"origin capped at {self.args.origin_bw / 1e6:.0f} MB/s, N = {n}; prefault "
+              + ("on (N x model of page cache written and freed before each clock)"
+                 if self.args.prefault else "off"))
         print(f"{'':24} {'all ready (s)':>14} {'origin bytes / model':>22}")
         for label, rec in (("one agent alone", alone), (f"{n} agents, P2P off", off),
                            (f"{n} agents, P2P on", on)):
@@ -187,6 +198,8 @@ def main() -> int:
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--origin-bw", type=float, default=100e6, help="origin cap, bytes/s (100e6)")
     p.add_argument("--skip-off", action="store_true", help="skip the N agents without P2P run")
+    p.add_argument("--no-prefault", dest="prefault", action="store_false",
+                   help="skip writing and freeing N x model-size of page cache before each clock")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--workdir", type=Path, default=None)
     args = p.parse_args()
