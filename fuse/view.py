@@ -104,7 +104,7 @@ class _Handle:
 
 
 @dataclass(eq=False)
-class _Mapping:
+class _ChunkFile:
     """A chunk file checked against its digest, held open to serve reads from."""
 
     key: tuple[str, int]  # (entry key, chunk index)
@@ -190,9 +190,9 @@ class View:
         self._fh = itertools.count(1)
         self._open_per_entry: dict[str, int] = {}
         self._pages: dict[str, _PageState] = {}
-        self._maps: OrderedDict[tuple[str, int], _Mapping] = OrderedDict()
+        self._files: OrderedDict[tuple[str, int], _ChunkFile] = OrderedDict()
         self._served: dict[int, tuple[int, ...]] = {}  # thread -> descriptors of its last reply
-        self._retired: list[_Mapping] = []  # dropped from _maps, closed once no reply uses them
+        self._retired: list[_ChunkFile] = []  # dropped from _files, closed once no reply uses them
         self._stripes = [threading.Lock() for _ in range(64)]
         self.on_init: Callable[[Any, Any], None] | None = None
 
@@ -412,10 +412,10 @@ class View:
         for _ in range(8):
             sources = [self._chunk(handle, index) for index in range(first, last + 1)]
             with self._lock:
-                if any(isinstance(s, _Mapping) and s.closed for s in sources):
+                if any(isinstance(s, _ChunkFile) and s.closed for s in sources):
                     continue  # evicted between lookup and here (rare): look again
                 self._served[threading.get_ident()] = tuple(
-                    s.fd for s in sources if isinstance(s, _Mapping))
+                    s.fd for s in sources if isinstance(s, _ChunkFile))
                 self._close_retired()
             break
         else:
@@ -424,13 +424,13 @@ class View:
         for index, source in zip(range(first, last + 1), sources):
             start = index * layout.chunk_size
             lo, hi = max(offset, start) - start, min(end, start + layout.length(index)) - start
-            if isinstance(source, _Mapping):
+            if isinstance(source, _ChunkFile):
                 pieces.append((source.fd, lo, hi - lo))
             else:
                 pieces.append(source if (lo, hi) == (0, len(source)) else source[lo:hi])
         return pieces
 
-    def _chunk(self, handle: _Handle, index: int) -> _Mapping | bytearray:
+    def _chunk(self, handle: _Handle, index: int) -> _ChunkFile | bytearray:
         """Chunk ``index``: a checked chunk file, or the bytes when the cache could not store them."""
         kept = handle.uncached.get(index)
         if kept is not None:
@@ -453,16 +453,16 @@ class View:
                     while len(handle.uncached) > _UNCACHED_KEPT:
                         handle.uncached.popitem(last=False)
                     return kept
-            mapped = self._mapped(f, index)
-            if mapped is not None:
-                return mapped
+            found = self._chunk_file(f, index)
+            if found is not None:
+                return found
         raise OSError(errno.EIO, f"chunk {index} of {f.info.uri} kept failing its digest check")
 
-    def _mapped(self, f: OpenFile, index: int) -> _Mapping | None:
+    def _chunk_file(self, f: OpenFile, index: int) -> _ChunkFile | None:
         """The chunk file opened and checked; None if it is gone or corrupt (then dropped)."""
         entry = f.entry
         key = (entry.key, index)
-        known = self._maps.get(key)
+        known = self._files.get(key)
         path = known.path if known is not None else str(entry.chunk_path(index))
         try:
             st = os.stat(path)
@@ -474,12 +474,12 @@ class View:
             return known
         # Kernel read-ahead asks for several pieces of one chunk at once: open and check it once.
         with self._stripes[hash(key) % len(self._stripes)]:
-            known = self._maps.get(key)
+            known = self._files.get(key)
             if known is not None and known.identity == identity and not known.closed:
                 return known
             return self._open_and_check(entry, index, path)
 
-    def _open_and_check(self, entry: Any, index: int, path: str) -> _Mapping | None:
+    def _open_and_check(self, entry: Any, index: int, path: str) -> _ChunkFile | None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -499,23 +499,23 @@ class View:
             os.close(fd)
             self.store.report_corrupt(entry, index)
             return None
-        mapping = _Mapping((entry.key, index), (st.st_ino, st.st_mtime_ns, st.st_size), path, fd)
+        chunk_file = _ChunkFile((entry.key, index), (st.st_ino, st.st_mtime_ns, st.st_size), path, fd)
         with self._lock:
-            old = self._maps.pop((entry.key, index), None)
+            old = self._files.pop((entry.key, index), None)
             if old is not None:
                 self._retire(old)
-            self._maps[(entry.key, index)] = mapping
-            while len(self._maps) > _FDS_KEPT:
-                self._retire(self._maps.popitem(last=False)[1])
-        return mapping
+            self._files[(entry.key, index)] = chunk_file
+            while len(self._files) > _FDS_KEPT:
+                self._retire(self._files.popitem(last=False)[1])
+        return chunk_file
 
     # Descriptor lifetime. libfuse reads a reply's bytes from our descriptors after read_buf
     # returns, on the same thread, before that thread takes its next request. So a
-    # descriptor dropped from ``_maps`` is closed only once no thread's last reply used it.
+    # descriptor dropped from ``_files`` is closed only once no thread's last reply used it.
     # (All under ``_lock``.)
 
-    def _retire(self, mapping: _Mapping) -> None:
-        self._retired.append(mapping)
+    def _retire(self, chunk_file: _ChunkFile) -> None:
+        self._retired.append(chunk_file)
         self._close_retired()
 
     def _close_retired(self) -> None:
@@ -523,27 +523,27 @@ class View:
             return
         busy = {fd for fds in self._served.values() for fd in fds}
         keep = []
-        for mapping in self._retired:
-            if mapping.fd in busy:
-                keep.append(mapping)
+        for chunk_file in self._retired:
+            if chunk_file.fd in busy:
+                keep.append(chunk_file)
             else:
-                mapping.closed = True
-                os.close(mapping.fd)
+                chunk_file.closed = True
+                os.close(chunk_file.fd)
         self._retired = keep
 
     def _close_entry(self, key: str) -> None:
         """Close every descriptor of an entry no handle has open: the kernel sends RELEASE only
         after its last read of the file, so none of them is in use (also those a thread that
         has since exited served last)."""
-        closing = [self._maps.pop(k) for k in [k for k in self._maps if k[0] == key]]
+        closing = [self._files.pop(k) for k in [k for k in self._files if k[0] == key]]
         closing += [m for m in self._retired if m.key[0] == key]
         if not closing:
             return
         self._retired = [m for m in self._retired if m.key[0] != key]
         fds = {m.fd for m in closing}
-        for mapping in closing:
-            mapping.closed = True
-            os.close(mapping.fd)
+        for chunk_file in closing:
+            chunk_file.closed = True
+            os.close(chunk_file.fd)
         for tid in [t for t, served in self._served.items() if fds.intersection(served)]:
             del self._served[tid]
 
@@ -567,10 +567,10 @@ class View:
             handles = list(self._handles.values())
             self._handles.clear()
             self._open_per_entry.clear()
-            for mapping in [*self._maps.values(), *self._retired]:
-                mapping.closed = True
-                os.close(mapping.fd)
-            self._maps.clear()
+            for chunk_file in [*self._files.values(), *self._retired]:
+                chunk_file.closed = True
+                os.close(chunk_file.fd)
+            self._files.clear()
             self._retired.clear()
             self._served.clear()
         for handle in handles:

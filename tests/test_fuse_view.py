@@ -255,7 +255,7 @@ def test_reads_hand_libfuse_descriptors_that_stay_open_while_it_may_use_them(wor
     # but the worker's last reply used it, so it must still be open.
     for i in (1, 2, 3):
         assert _read(view, "/m/fd.dat", 100, i * CHUNK, fi) == data[i * CHUNK:i * CHUNK + 100]
-    assert all(key[1] != 0 for key in view._maps), "chunk 0 was evicted from the table"
+    assert all(key[1] != 0 for key in view._files), "chunk 0 was evicted from the table"
     chunk0 = view._handles[fi.fh].file.entry.chunk_path(0)
     assert _is_open(fd0) and os.fstat(fd0).st_ino == chunk0.stat().st_ino, \
         "closed while libfuse could still be reading from it"
