@@ -272,6 +272,38 @@ def test_reads_hand_libfuse_descriptors_that_stay_open_while_it_may_use_them(wor
     assert _open_fds() == before, "descriptors leaked after the last release"
 
 
+def test_reads_are_exact_when_the_cache_cannot_store_chunks(tmp_path, loop):
+    """A cache with room for only the 7-byte last chunk: the others come back from the
+    fetcher as bytes and the view answers from memory (a malloc'd piece libfuse frees),
+    still exact, also for a read joining a chunk in memory and one in a file."""
+    origin = FakeOrigin()
+    data = os.urandom(3 * CHUNK + 7)
+    origin.put("m/full.dat", data)
+    metrics = AgentMetrics()
+    store = ChunkStore(tmp_path / "cache", CHUNK, Limits(CHUNK // 2, 0), metrics)
+    store.open()
+
+    async def make() -> Fetcher:
+        return Fetcher(origin, store, metrics, concurrency=2)  # type: ignore[arg-type]
+
+    fetcher = asyncio.run_coroutine_threadsafe(make(), loop).result(5)
+    view = View(fetcher, loop, ViewSettings(read_timeout_s=5, prefetch=()), FuseMetrics(metrics.registry))
+    try:
+        fi = _fi()
+        view.open("/m/full.dat", fi)
+        assert _read(view, "/m/full.dat", 1000, 5, fi) == data[5:1005]
+        assert _read(view, "/m/full.dat", 2 * CHUNK, CHUNK // 2, fi) == data[CHUNK // 2:CHUNK // 2 + 2 * CHUNK]
+        assert _read(view, "/m/full.dat", CHUNK, 3 * CHUNK - 3, fi) == data[3 * CHUNK - 3:]
+        handle = view._handles[fi.fh]
+        assert set(handle.uncached) == {0, 1, 2}, "served from memory"
+        assert not any(store.has(handle.file.entry, i) for i in range(3))
+        assert [k[1] for k in view._files] == [3], "the last chunk came from its file"
+        view.release("/m/full.dat", fi)
+    finally:
+        view.close()
+        store.close()
+
+
 def test_object_changed_under_an_open_file(world):
     data = os.urandom(5 * CHUNK)
     world.origin.put("m/v.dat", data)
