@@ -1,0 +1,187 @@
+"""Probe: FUSE passthrough through mfusepy, read speed against the backing file itself.
+
+    FUSE_LIBRARY_PATH=$(bash bench/build_libfuse.sh) python bench/probe_passthrough.py [--size 1GiB]
+
+Groundwork for issue 4's cached-read bars (bench/RESULTS.md). A FUSE file opened in
+passthrough mode is read by the kernel straight from a backing file, so no request reaches
+the daemon and the page cache is the backing file's own. This probe mounts a one-file view
+over a local file with mfusepy on libfuse >= 3.16 (Debian 12 has 3.14:
+``bench/build_libfuse.sh`` builds 3.17 from Debian trixie's source), twice: once with
+passthrough, once answering ``read`` from Python (the view's old path). It reads each the
+same way the FUSE benchmark does and checks the bytes.
+
+How passthrough is asked for from mfusepy's high-level API (no binding helps):
+* at init, ``conn.want |= FUSE_CAP_PASSTHROUGH`` and ``max_backing_stack_depth = 1``;
+* at open, ``ioctl(FUSE_DEV_IOC_BACKING_OPEN)`` on the session's /dev/fuse descriptor
+  with the backing file's descriptor (needs CAP_SYS_ADMIN); the id it returns goes into
+  ``fuse_file_info.backing_id``, a field mfusepy does not name (it sits in the upper half of
+  what mfusepy calls ``poll_events``);
+* ``keep_cache`` must stay 0: with it the kernel fails the open with EIO.
+
+Needs root, /dev/fuse and fusermount3. Everything is removed at exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+FUSE_CAP_PASSTHROUGH = 1 << 29
+#: _IOW(229, 1, struct fuse_backing_map {int32 fd; uint32 flags; uint64 padding})
+FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501
+
+
+def make_ops(mfusepy, backing: Path, passthrough: bool):
+    lib = mfusepy._libfuse
+    lib.fuse_get_session.restype = ctypes.c_void_p
+    lib.fuse_get_session.argtypes = [ctypes.c_void_p]
+    lib.fuse_session_fd.restype = ctypes.c_int
+    lib.fuse_session_fd.argtypes = [ctypes.c_void_p]
+    size = backing.stat().st_size
+    backing_id_at = mfusepy.fuse_file_info.poll_events.offset + 4
+
+    class OneFile(mfusepy.Operations):
+        use_ns = True
+
+        def init_with_config(self, conn, config):
+            if passthrough:
+                if not conn.capable & FUSE_CAP_PASSTHROUGH:
+                    raise SystemExit("the kernel does not offer FUSE passthrough")
+                conn.want |= FUSE_CAP_PASSTHROUGH
+                conn.max_backing_stack_depth = 1
+
+        def getattr(self, path, fh=None):
+            if path == "/":
+                return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2}
+            if path == "/model.bin":
+                return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": size}
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+
+        def readdir(self, path, fh):
+            return [".", "..", "model.bin"]
+
+        def open(self, path, fi):
+            fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
+            fi.fh = fd
+            if passthrough:
+                session_fd = lib.fuse_session_fd(lib.fuse_get_session(lib.fuse_get_context().contents.fuse))
+                backing_id = fcntl.ioctl(session_fd, FUSE_DEV_IOC_BACKING_OPEN,
+                                         bytearray(struct.pack("iIQ", fd, 0, 0)), True)
+                ctypes.c_int32.from_address(ctypes.addressof(fi) + backing_id_at).value = backing_id
+            else:
+                fi.keep_cache = 1
+            return 0
+
+        def read(self, path, size_, offset, fi):  # raw_fi: the whole fuse_file_info
+            return os.pread(fi.fh, size_, offset)
+
+        def release(self, path, fi):
+            os.close(fi.fh)  # the kernel holds its own reference to a backing file
+            return 0
+
+    return OneFile()
+
+
+def serve(backing: Path, mnt: Path, passthrough: bool) -> int:
+    """The daemon side, in its own process (as the agent is to the programs reading)."""
+    import mfusepy
+
+    mfusepy.FUSE(make_ops(mfusepy, backing, passthrough), str(mnt), raw_fi=True, foreground=True,
+                 ro=True, nothreads=False)
+    return 0
+
+
+def mount(backing: Path, mnt: Path, passthrough: bool) -> subprocess.Popen:
+    daemon = subprocess.Popen([sys.executable, __file__, "--serve", str(backing), str(mnt),
+                               "passthrough" if passthrough else "read"])
+    deadline = time.monotonic() + 10
+    while os.stat(mnt).st_dev == os.stat(mnt.parent).st_dev:
+        if time.monotonic() > deadline or daemon.poll() is not None:
+            daemon.kill()
+            raise RuntimeError(f"mounting {mnt} failed (passthrough needs root and a kernel >= 6.9)")
+        time.sleep(0.05)
+    return daemon
+
+
+def drop_mount_pages(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def timed(path: Path, size: int) -> float:
+    started = time.perf_counter()
+    n = C.read_files([path])
+    seconds = time.perf_counter() - started
+    if n != size:
+        raise RuntimeError(f"read {n} of {size} bytes from {path}")
+    return seconds
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=C.size_arg, default=C.size_arg("1GiB"))
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--serve", nargs=3, metavar=("BACKING", "MNT", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.serve:
+        return serve(Path(args.serve[0]), Path(args.serve[1]), args.serve[2] == "passthrough")
+    os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+    import mfusepy
+
+    print(f"libfuse {mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor} "
+          f"({os.environ.get('FUSE_LIBRARY_PATH', 'system')})")
+    if (mfusepy.fuse_version_major, mfusepy.fuse_version_minor) < (3, 16):
+        print("needs libfuse >= 3.16: FUSE_LIBRARY_PATH=$(bash bench/build_libfuse.sh)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="coldbrew-passthrough-"))
+    backing = work / "backing.bin"
+    with open(backing, "wb") as f:
+        for _ in range(args.size // (16 << 20)):
+            f.write(os.urandom(16 << 20))
+    size = backing.stat().st_size
+    rows: dict[str, list[float]] = {}
+    try:
+        for mode in ("passthrough", "read"):
+            mnt = work / f"mnt-{mode}"
+            mnt.mkdir()
+            daemon = mount(backing, mnt, mode == "passthrough")
+            try:
+                for _ in range(args.runs):
+                    C.read_files([backing])
+                    rows.setdefault("direct (backing file, warm)", []).append(timed(backing, size))
+                    drop_mount_pages(mnt / "model.bin")
+                    rows.setdefault(f"{mode}: first read", []).append(timed(mnt / "model.bin", size))
+                    rows.setdefault(f"{mode}: again", []).append(timed(mnt / "model.bin", size))
+                if subprocess.run(["cmp", "-s", str(backing), str(mnt / "model.bin")]).returncode:
+                    raise RuntimeError(f"{mode}: the bytes differ")
+            finally:
+                subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+                daemon.wait(10)
+        print(f"\n{C.format_size(size)} file, {args.runs} runs, median; bytes checked with cmp\n")
+        for name, secs in rows.items():
+            med = sorted(secs)[len(secs) // 2]
+            print(f"{name:32} {med:7.3f} s {size / med / 1e9:6.2f} GB/s   "
+                  + " ".join(f"{s:.3f}" for s in secs))
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
