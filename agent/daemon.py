@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -38,6 +39,26 @@ _LEASE_SWEEP_S = 30.0
 def _disk_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_blocks * st.f_frsize
+
+
+#: Open files the agent asks for: checked chunk files the mount keeps open, libtorrent's
+#: peers and files, HTTP connections. The soft limit is often 1024; the hard one far higher.
+_OPEN_FILES_WANTED = 1 << 16
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE towards ``_OPEN_FILES_WANTED`` (never above the hard
+    limit, never lowered). Returns (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = _OPEN_FILES_WANTED if hard == resource.RLIM_INFINITY else min(_OPEN_FILES_WANTED, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return soft, want
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit", extra={"soft": soft, "hard": hard,
+                                                                  "error": str(e)})
+    return soft, soft
 
 
 def _claim_socket(path: Path) -> None:
@@ -80,6 +101,9 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.config
+        before, after = raise_open_file_limit()
+        if after != before:
+            log.info("open-file limit raised", extra={"from": before, "to": after})
         try:
             cfg.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -197,3 +197,25 @@ def test_socket_mode_and_group_decide_which_runners_may_connect(bucket, make_age
         assert agents["grouped"].client.health()["ready"] is True  # root still gets in
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_the_agent_raises_a_low_open_file_limit():
+    """A node's default soft limit (often 1024) is too low for the files the agent keeps
+    open; it raises it towards 65536, never above the hard limit."""
+    import subprocess
+    import sys
+
+    code = """
+import resource
+from coldbrew.agent.daemon import raise_open_file_limit
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+before, after = raise_open_file_limit()
+now = resource.getrlimit(resource.RLIMIT_NOFILE)
+print(before, after, now[0], now[1], hard)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, after, soft, hard_now, hard = (int(x) for x in out.stdout.split())
+    assert before == 256
+    want = 65536 if hard == -1 else min(65536, hard)  # RLIM_INFINITY is -1
+    assert after == soft == want and hard_now == hard
