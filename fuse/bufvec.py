@@ -28,7 +28,6 @@ FUSE_BUF_IS_FD = 1 << 1
 FUSE_BUF_FD_SEEK = 1 << 2
 #: fuse_conn_info capability bits (fuse_common.h, libfuse 3)
 FUSE_CAP_SPLICE_WRITE = 1 << 7
-FUSE_CAP_SPLICE_MOVE = 1 << 8
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.malloc.restype = ctypes.c_void_p
