@@ -26,6 +26,7 @@ from collections.abc import Sequence
 #: enum fuse_buf_flags (fuse_common.h)
 FUSE_BUF_IS_FD = 1 << 1
 FUSE_BUF_FD_SEEK = 1 << 2
+FUSE_BUF_FD_RETRY = 1 << 3
 #: fuse_conn_info capability bits (fuse_common.h, libfuse 3)
 FUSE_CAP_SPLICE_WRITE = 1 << 7
 
@@ -70,8 +71,11 @@ def _vector(buf: FuseBuf) -> int:
 
 
 def from_file(fd: int, pos: int, size: int) -> int:
-    """A vector whose one piece is ``size`` bytes of ``fd`` at ``pos`` (libfuse reads them)."""
-    return _vector(FuseBuf(size=size, flags=FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK, mem=None, fd=fd, pos=pos))
+    """A vector whose one piece is ``size`` bytes of ``fd`` at ``pos`` (libfuse reads them
+    with pread or splice at ``pos``, never the shared file position, and retries a short read
+    rather than hand the kernel fewer bytes than the file has)."""
+    flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK | FUSE_BUF_FD_RETRY
+    return _vector(FuseBuf(size=size, flags=flags, mem=None, fd=fd, pos=pos))
 
 
 def from_pieces(pieces: Sequence[FilePiece | bytes | bytearray | memoryview]) -> int:
