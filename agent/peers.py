@@ -11,7 +11,10 @@ How a chunk moves (DESIGN.md decision 6):
   — then the chunk comes from the origin. Never a stall.
 * Once a torrent is attached, libtorrent owns the entry's chunk files: origin bytes
   go in through ``add_piece`` (:meth:`Swarm.put_piece`), so two writers never meet
-  in one file. A finished piece is adopted into the store (xxh3 digest + journal).
+  in one file. A finished piece is adopted into the store (xxh3 digest + journal)
+  once libtorrent has written it: its disk backend hashes a piece from its write
+  cache and may say so before the bytes reach the file, so adoption waits for a
+  flush of the torrent's cache (``flush_cache`` → ``cache_flushed_alert``).
 * When several agents want a chunk nobody has, only its stripe owner fetches it from
   the origin; the others wait for it to appear in the swarm (:func:`stripe_owner`).
   Members are this agent plus connected peers that are still making progress, so an
@@ -91,6 +94,11 @@ class Torrent:
     lost: dict[bytes, float] = field(default_factory=dict)  # peer id → when its connection went
     waiters: dict[int, asyncio.Future[str]] = field(default_factory=dict)
     from_origin: set[int] = field(default_factory=set)
+    #: Pieces finished but maybe still in libtorrent's write cache: those the flush asked
+    #: for now will cover, and those that finished after it was asked (the next flush).
+    flushing: set[int] = field(default_factory=set)
+    unflushed: set[int] = field(default_factory=set)
+    flush_asked: bool = False
     tick: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -152,9 +160,11 @@ class Swarm:
             "user_agent": "coldbrew",
         }
         params = lt.session_params(pack)
-        # The default (mmap) backend can report a piece finished before its bytes are in
-        # the file; the posix one writes first — and measured faster here.
-        params.disk_io_constructor = "posix_disk_io_constructor"
+        # pread/pwrite with a pool of open files. The posix backend opens, stats, seeks and
+        # closes the file for every 16 KiB block: ~25 % more agent CPU and ~20 % more time in
+        # the P2P bench (bench/RESULTS.md). This one hashes a piece from its write cache, so a
+        # piece can finish before its bytes are in the file: see _on_piece_finished.
+        params.disk_io_constructor = "pread_disk_io_constructor"
         session = lt.session(params)
         # Peers on the LAN or loopback land in libtorrent's "local" class, which has no
         # rate limit; put every address in the global class so the upload cap holds.
@@ -427,7 +437,11 @@ class Swarm:
         elif isinstance(alert, lt.piece_finished_alert):
             t = self._find(alert)
             if t is not None:
-                self._adopt(t, int(alert.piece_index))
+                self._on_piece_finished(t, int(alert.piece_index))
+        elif isinstance(alert, lt.cache_flushed_alert):
+            t = self._find(alert)
+            if t is not None:
+                self._on_flushed(t)
         elif isinstance(alert, lt.hash_failed_alert):
             t = self._find(alert)
             index = int(alert.piece_index)
@@ -450,15 +464,38 @@ class Swarm:
             if t is not None:
                 self.detach(t.key)
 
+    def _on_piece_finished(self, t: Torrent, index: int) -> None:
+        """libtorrent checked piece ``index``; adopt it once a flush has put it in its file."""
+        if t.waiters.get(index) is None and self.store.has(t.entry, index):
+            return  # libtorrent reporting a piece we gave it at attach: nothing new
+        if t.flush_asked:
+            t.unflushed.add(index)  # the flush under way may not cover it: the next one will
+            return
+        t.flushing.add(index)
+        self._flush(t)
+
+    def _flush(self, t: Torrent) -> None:
+        t.flush_asked = _call(t.handle.flush_cache)  # False: removed (waiters fall back)
+
+    def _on_flushed(self, t: Torrent) -> None:
+        done, t.flushing = t.flushing, t.unflushed
+        t.unflushed = set()
+        t.flush_asked = False
+        if t.flushing:
+            self._flush(t)
+        for index in sorted(done):
+            self._adopt(t, index)
+
     def _adopt(self, t: Torrent, index: int) -> None:
         fut = t.waiters.get(index)
         if fut is None and self.store.has(t.entry, index):
-            return  # libtorrent reporting a piece we gave it at attach: nothing new
+            return  # it came in another way meanwhile
         from_origin = index in t.from_origin
         sha1 = t.manifest.sha1s[index]
         assert sha1 is not None
+        expected = t.manifest.digests[index] if index < len(t.manifest.digests) else None
         try:
-            self.store.adopt_chunk(t.entry, index, sha1)
+            self.store.adopt_chunk(t.entry, index, sha1, expected)
             outcome = "ok"
         except (CacheError, CorruptData) as e:
             log.warning("chunk not taken into the cache", extra={

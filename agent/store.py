@@ -381,11 +381,12 @@ class ChunkStore:
             self._mark_present(entry, index, chunk_digest, sha1)
         return chunk_digest
 
-    def adopt_chunk(self, entry: Entry, index: int, sha1: str) -> str:
+    def adopt_chunk(self, entry: Entry, index: int, sha1: str, expected: str | None = None) -> str:
         """Take in chunk ``index`` that libtorrent wrote in place and checked against ``sha1``.
 
         The file is hashed where it lies (page cache: it was just written) for its xxh3
-        digest, then journaled like any other chunk. Returns the digest.
+        digest, which must equal ``expected`` (the manifest's, when it has one) and any
+        digest verified before; then it is journaled like any other chunk. Returns the digest.
         """
         path = entry.chunk_path(index)
         want = entry.layout.length(index)
@@ -401,6 +402,9 @@ class ChunkStore:
         if known is not None and known != chunk_digest:
             raise CorruptData(f"chunk {index} of {entry.identity.uri} from peers differs from "
                               "the bytes verified before (digest mismatch)")
+        if expected is not None and expected != chunk_digest:
+            raise CorruptData(f"chunk {index} of {entry.identity.uri} from peers differs from "
+                              "its manifest's digest")
         try:
             with self._room(entry, index, want):
                 try:

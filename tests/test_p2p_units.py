@@ -3,8 +3,11 @@ and the store's adoption of chunks written by libtorrent."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import os
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +18,8 @@ from hypothesis import strategies as st
 
 from coldbrew.agent.errors import CorruptData
 from coldbrew.agent.manifest import FileIdentity, Manifest, digest, is_sidecar, sidecar_uri
+from coldbrew.agent.metrics import AgentMetrics
+from coldbrew.agent.peers import P2PSettings, Swarm, Torrent
 from coldbrew.agent.store import ChunkStore, Limits
 from coldbrew.agent.torrent import bencode, info_hash, stripe_owner, torrent_bytes
 
@@ -136,3 +141,59 @@ def test_eviction_tells_p2p_first(tmp_path: Path) -> None:
     store.on_change.append(lambda e: seen.append((e.key, e.chunk_path(0).exists())))
     store.evict(entry)
     assert seen == [(entry.key, True)]  # called while the files were still there
+
+
+def test_adopt_refuses_bytes_that_differ_from_the_manifest(tmp_path: Path) -> None:
+    data = os.urandom(2 * CHUNK)
+    m = manifest_for(data)
+    store = _store(tmp_path)
+    entry = store.entry(m.identity)
+    entry.chunk_path(0).write_bytes(data[CHUNK:])  # right size, other bytes
+    with pytest.raises(CorruptData, match="manifest"):
+        store.adopt_chunk(entry, 0, m.sha1s[0] or "", m.digests[0])
+    assert not store.has(entry, 0)
+    entry.chunk_path(0).write_bytes(data[:CHUNK])
+    assert store.adopt_chunk(entry, 0, m.sha1s[0] or "", m.digests[0]) == m.digests[0]
+
+
+class _FlushCountingHandle:
+    def __init__(self) -> None:
+        self.flushes = 0
+
+    def flush_cache(self) -> None:
+        self.flushes += 1
+
+
+def test_pieces_are_adopted_only_once_libtorrent_has_flushed_them(tmp_path: Path) -> None:
+    """libtorrent's disk backend may finish (hash) a piece while its bytes are still in its
+    write cache: a piece is adopted only after a flush asked for after it finished."""
+    data = os.urandom(3 * CHUNK)
+    m = manifest_for(data)
+    store = _store(tmp_path)
+    entry = store.entry(m.identity)
+    loop = asyncio.new_event_loop()
+    swarm = Swarm(P2PSettings("127.0.0.1", 0, 0, 5.0), "cb-unit-test", store, AgentMetrics(), loop)
+    try:
+        handle = _FlushCountingHandle()
+        t = Torrent(entry, m, handle, time.monotonic())
+        swarm._on_piece_finished(t, 1)  # its file is not written yet
+        assert handle.flushes == 1 and not store.has(entry, 1)
+        entry.chunk_path(1).write_bytes(data[CHUNK:2 * CHUNK])  # libtorrent writes it
+        swarm._on_piece_finished(t, 2)  # finished while that flush is under way
+        assert handle.flushes == 1, "one flush at a time"
+        swarm._on_flushed(t)
+        assert store.has(entry, 1) and not store.has(entry, 2)
+        assert handle.flushes == 2, "the next flush covers piece 2"
+        entry.chunk_path(2).write_bytes(data[2 * CHUNK:])
+        swarm._on_flushed(t)
+        assert store.has(entry, 2) and handle.flushes == 2
+        # Bytes on disk that differ from the manifest are never taken in.
+        entry.chunk_path(0).write_bytes(data[CHUNK:2 * CHUNK])
+        swarm._on_piece_finished(t, 0)
+        swarm._on_flushed(t)
+        assert not store.has(entry, 0)
+        assert store.read_verified(entry, 1) == data[CHUNK:2 * CHUNK]
+    finally:
+        swarm.close()
+        loop.close()
+        store.close()
