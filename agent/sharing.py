@@ -63,7 +63,13 @@ class Sharing:
         self._building: dict[str, asyncio.Task[None]] = {}
         self._warned_chunk_size: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
-        store.on_change.append(lambda entry: swarm.detach(entry.key))
+        store.on_change.append(self._evicting)
+
+    def _evicting(self, entry: Entry) -> None:
+        """An entry is leaving the cache: stop sharing it first. A later copy starts afresh:
+        an old failed lookup must not send its first chunks to the origin."""
+        self.swarm.detach(entry.key)
+        self._missed.pop(entry.key, None)
 
     async def start(self) -> None:
         """Share again what an earlier run shared (entries with a saved manifest)."""
@@ -122,6 +128,7 @@ class Sharing:
             log.info("cannot share yet", extra={"uri": entry.identity.uri, "error": str(e)})
             self._missed[entry.key] = time.monotonic()
             return None
+        self._missed.pop(entry.key, None)  # shared now, however it got here (a build, a lookup)
         if t.expected is None:
             self._background.add(asyncio.create_task(self._expect_peers(t)))
             self._background = {task for task in self._background if not task.done()}

@@ -181,10 +181,19 @@ def test_without_a_published_manifest_the_first_agent_builds_it(
     assert second.metric("coldbrew_origin_bytes_total") == 0
     assert proxy.counts["response_body_bytes"] < 0.05 * len(data)  # metadata only
     assert_exact(second, f"s3://{bucket}/raw/model.bin", data, tmp_path)
-    # A restart keeps sharing what it had (the manifest is kept with the cache entry).
+    # A restart keeps sharing what it had (the manifest is kept with the cache entry), and
+    # serves it: the first agent drops its copy and gets every byte back from the second.
     second.stop()
     second.start()
     wait_shared(second, 1)
+    first.cli("evict", "raw/model.bin", check=True)
+    wait_for_peers([first, second], 1)
+    proxy.reset_counts()
+    before = first.metric("coldbrew_p2p_received_bytes_total")
+    first.cli("prewarm", "raw/model.bin", "--wait", "--quiet", check=True, timeout=60)
+    assert first.metric("coldbrew_p2p_received_bytes_total") - before == len(data)
+    assert proxy.counts["response_body_bytes"] < 0.05 * len(data)  # metadata only
+    assert_exact(first, f"s3://{bucket}/raw/model.bin", data, tmp_path)
 
 
 def test_a_peer_killed_mid_transfer_costs_a_fallback_not_a_stall(
