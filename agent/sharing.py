@@ -63,11 +63,12 @@ class Sharing:
         self._building: dict[str, asyncio.Task[None]] = {}
         self._warned_chunk_size: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
-        store.on_change.append(self._evicting)
+        store.on_change.append(self._entry_changed)
 
-    def _evicting(self, entry: Entry) -> None:
-        """An entry is leaving the cache: stop sharing it first. A later copy starts afresh:
-        an old failed lookup must not send its first chunks to the origin."""
+    def _entry_changed(self, entry: Entry) -> None:
+        """An entry is leaving the cache or lost a chunk (the store calls this first): stop
+        sharing it, as libtorrent would still offer what is gone. The next fetch looks it up
+        afresh; an old failed lookup must not send its first chunks to the origin."""
         self.swarm.detach(entry.key)
         self._missed.pop(entry.key, None)
 
