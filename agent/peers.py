@@ -521,7 +521,9 @@ class Swarm:
             except Exception:  # noqa: BLE001 - removed under us
                 continue
             connected += len(peers)
-            total = len(t.availability)
+            total = t.entry.layout.count
+            if len(availability) != total:
+                availability = _availability_from(peers, total)
             seen: dict[bytes, tuple[int, float, float]] = {}
             for p in peers:
                 pid = p.pid.to_bytes()
@@ -571,6 +573,25 @@ class Swarm:
 
 
 _NO_PID = bytes(20)
+
+
+def _availability_from(peers: list[Any], total: int) -> list[int]:
+    """How many connected peers have each piece, from their own bitfields.
+
+    libtorrent's ``piece_availability`` is empty while the torrent has no piece picker,
+    which it creates only when it needs one: for a torrent that wants nothing yet and
+    whose only peers are seeds, it has none. Without this, every chunk would look
+    unavailable and be fetched from the origin although a seed is connected.
+    """
+    counts = [0] * total
+    for p in peers:
+        if int(p.num_pieces) >= total:
+            counts = [c + 1 for c in counts]
+            continue
+        for i, has in enumerate(p.pieces[:total]):
+            if has:
+                counts[i] += 1
+    return counts
 
 
 def _pid(agent_id: str) -> bytes:

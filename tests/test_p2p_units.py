@@ -197,3 +197,18 @@ def test_pieces_are_adopted_only_once_libtorrent_has_flushed_them(tmp_path: Path
         swarm.close()
         loop.close()
         store.close()
+
+
+def test_availability_comes_from_peer_bitfields_when_libtorrent_keeps_none() -> None:
+    """libtorrent has no per-piece counts until it needs a piece picker; with only a seed
+    connected, every piece must still count as available (else it goes to the origin)."""
+    from types import SimpleNamespace
+
+    from coldbrew.agent.peers import _availability_from
+
+    seed = SimpleNamespace(num_pieces=4, pieces=[True] * 4)
+    partial = SimpleNamespace(num_pieces=2, pieces=[True, False, True, False])
+    empty = SimpleNamespace(num_pieces=0, pieces=[])
+    assert _availability_from([seed], 4) == [1, 1, 1, 1]
+    assert _availability_from([seed, partial, empty], 4) == [2, 1, 2, 1]
+    assert _availability_from([], 4) == [0, 0, 0, 0]
