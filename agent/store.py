@@ -76,21 +76,24 @@ def _read_journal(path: Path) -> list[bytes]:
     return data[:end].splitlines()
 
 
-def _digest_file(path: Path, want: int) -> tuple[int, str | None]:
-    """A chunk file's size and digest (None if the size is not ``want``).
+def digest_fd(fd: int, size: int) -> str:
+    """The digest of the first ``size`` bytes of an open chunk file.
 
     Hashed through a read-only mmap: no copy and no buffer to allocate (on these VMs
     fresh memory is the expensive part), and the pages it faults in are the ones the
     next reader wants anyway.
     """
+    if size == 0:
+        return digest(b"")
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as m:
+        return digest(m)
+
+
+def _digest_file(path: Path, want: int) -> tuple[int, str | None]:
+    """A chunk file's size and digest (None if the size is not ``want``)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size != want:
-            return size, None
-        if size == 0:
-            return 0, digest(b"")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return size, digest(m)
+        return size, digest_fd(f.fileno(), size) if size == want else None
 
 
 @dataclass

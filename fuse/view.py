@@ -43,7 +43,6 @@ import fnmatch
 import functools
 import itertools
 import logging
-import mmap
 import os
 import stat
 import threading
@@ -57,8 +56,8 @@ import xxhash
 
 from ..agent.errors import ColdbrewError, ObjectChanged, RequestTimeout, errno_for
 from ..agent.fetcher import Fetcher, OpenFile, Priority
-from ..agent.manifest import digest
 from ..agent.origin import ObjectInfo
+from ..agent.store import digest_fd
 from . import bufvec
 from .metrics import FuseMetrics
 
@@ -488,10 +487,7 @@ class View:
         try:
             st = os.fstat(fd)
             want = entry.layout.length(index)
-            ok = st.st_size == want > 0
-            if ok:
-                with mmap.mmap(fd, want, access=mmap.ACCESS_READ) as view:
-                    ok = digest(view) == entry.digests.get(index)
+            ok = st.st_size == want > 0 and digest_fd(fd, want) == entry.digests.get(index)
         except BaseException:
             os.close(fd)
             raise
