@@ -7,6 +7,15 @@
 # Then point the DaemonSet at REGISTRY/coldbrew-agent (kustomize `images:`, see
 # daemonset/overlays/example). docs/kubernetes.md has the rest.
 
+# libfuse 3.17 (Debian 12 has 3.14), for FUSE passthrough: the library only, built by the
+# same script as `./dev setup`.
+FROM python:3.11-slim-bookworm AS libfuse
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev patch \
+ && rm -rf /var/lib/apt/lists/*
+COPY tools/build_libfuse.sh /tmp/build_libfuse.sh
+RUN bash /tmp/build_libfuse.sh /opt/libfuse
+
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -18,13 +27,15 @@ RUN python -m venv /opt/coldbrew \
  && /opt/coldbrew/bin/pip install --no-cache-dir ".[fuse,p2p]"
 
 FROM python:3.11-slim-bookworm
-# fuse3: libfuse3 for the view and fusermount3 for the preStop unmount. Not Debian `fuse`
-# beside it (mfusepy would pick libfuse2).
+# fuse3: fusermount3 for the preStop unmount, and libfuse3 3.14 should FUSE_LIBRARY_PATH be
+# unset. Not Debian `fuse` beside it (mfusepy would pick libfuse2).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends fuse3 \
  && rm -rf /var/lib/apt/lists/*
+COPY --from=libfuse /opt/libfuse/libfuse3.so.4 /opt/libfuse/libfuse3.so.4
 COPY --from=build /opt/coldbrew /opt/coldbrew
 ENV PATH=/opt/coldbrew/bin:$PATH \
+    FUSE_LIBRARY_PATH=/opt/libfuse/libfuse3.so.4 \
     FUSE_LIBRARY_NAME=fuse3 \
     PYTHONUNBUFFERED=1
 ENTRYPOINT ["coldbrew"]

@@ -11,7 +11,7 @@ use :mod:`coldbrew.agent.client`):
     POST /v1/evict     {uri}              drop files (or a prefix) from the cache
     POST /v1/ensure    {uri, offset, length, lease?, prefetch?}
                                           make a byte range present; returns the
-                                          chunk files to read (same node) + a lease
+                                          where the chunks lie on disk (same node) + a lease
     POST /v1/leases/{id}/release          the reader is done: the file may be evicted
     POST /v1/corrupt   {lease, index}     a reader found a chunk failing its digest
     GET  /v1/read?uri=&offset=&length=    the bytes themselves, streamed (any reader)
@@ -302,7 +302,7 @@ class ControlAPI:
                 end - start)
             chunks.append({"index": index, "offset": start, "length": end - start,
                            "cached": uncached is None,
-                           "path": str(f.entry.chunk_path(index)) if uncached is None else None,
+                           "path": str(f.entry.data_path) if uncached is None else None,
                            "digest": f.entry.digests.get(index)})
         self.leases.expire()
         return web.json_response({"uri": f.info.uri, "etag": f.info.etag, "size": size,

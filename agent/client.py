@@ -228,7 +228,7 @@ class _Copier:
                     self._repair_or_stream(chunk, out)
                 else:
                     try:
-                        _copy_range(fd, out.fileno(), chunk["length"], chunk["offset"])
+                        _copy_range(fd, out.fileno(), chunk["length"], chunk["offset"], chunk["offset"])
                     finally:
                         os.close(fd)
                     self.from_file += 1
@@ -245,7 +245,7 @@ class _Copier:
             fd = _open_verified(chunk) if chunk["cached"] else None
             if fd is not None and fd >= 0:
                 try:
-                    _copy_range(fd, out.fileno(), chunk["length"], chunk["offset"])
+                    _copy_range(fd, out.fileno(), chunk["length"], chunk["offset"], chunk["offset"])
                 finally:
                     os.close(fd)
                 self.from_file += 1
@@ -308,9 +308,10 @@ _UNREADABLE = -1
 
 
 def _open_verified(chunk: dict[str, Any]) -> int | None:
-    """An open fd on the chunk's cache file if it has the right size and digest.
+    """An open fd on the cache's data file if the chunk's bytes in it match its digest.
 
-    None: the file is there but its bytes are wrong (corrupt, or replaced);
+    The chunk lies at ``chunk["offset"]`` of ``chunk["path"]`` (the file's bytes at their
+    own offsets). None: its bytes there are wrong (corrupt, or replaced);
     ``_UNREADABLE``: this process cannot open it (another mount namespace, or evicted).
 
     Hashes through mmap (no copy); the fd stays open so the copy reads the very
@@ -321,10 +322,10 @@ def _open_verified(chunk: dict[str, Any]) -> int | None:
     except OSError:
         return _UNREADABLE
     try:
-        length = chunk["length"]
-        ok = os.fstat(fd).st_size == length
+        offset, length = chunk["offset"], chunk["length"]
+        ok = os.fstat(fd).st_size >= offset + length
         if ok and length:
-            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+            with mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=offset) as m:
                 ok = xxhash.xxh3_128_hexdigest(m) == chunk["digest"]
     except OSError:
         ok = False
@@ -341,11 +342,12 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
-def _copy_range(src_fd: int, dst_fd: int, length: int, dst_offset: int) -> None:
+def _copy_range(src_fd: int, dst_fd: int, length: int, src_offset: int, dst_offset: int) -> None:
     copied = 0
     try:
         while copied < length:
-            n = os.copy_file_range(src_fd, dst_fd, length - copied, copied, dst_offset + copied)
+            n = os.copy_file_range(src_fd, dst_fd, length - copied, src_offset + copied,
+                                   dst_offset + copied)
             if n == 0:
                 raise OSError("copy_file_range copied nothing")
             copied += n
@@ -355,7 +357,7 @@ def _copy_range(src_fd: int, dst_fd: int, length: int, dst_offset: int) -> None:
     buf = bytearray(min(length, 8 << 20))
     view = memoryview(buf)
     while copied < length:
-        n = os.preadv(src_fd, [view[: min(len(buf), length - copied)]], copied)
+        n = os.preadv(src_fd, [view[: min(len(buf), length - copied)]], src_offset + copied)
         os.pwrite(dst_fd, view[:n], dst_offset + copied)
         copied += n
 

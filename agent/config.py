@@ -228,6 +228,9 @@ SETTINGS: tuple[Setting, ...] = (
             "let users other than the agent's read the mount (needs root or user_allow_other)"),
     Setting("fuse_readahead", parse_size, 4 * MiB,
             "kernel read-ahead for the mount (1 MiB FUSE requests need >= 1MiB)"),
+    Setting("fuse_passthrough", parse_bool, True,
+            "let the kernel read wholly cached, checked files straight from the cache (FUSE "
+            "passthrough; needs Linux >= 6.9, libfuse >= 3.16 and CAP_SYS_ADMIN, else unused)"),
     Setting("p2p_port", parse_port, 0,
             "share chunks with other agents: their peer endpoint (HTTP) listens on this TCP port "
             "and libtorrent on the next one; 0 turns P2P off"),
@@ -285,6 +288,7 @@ class AgentConfig:
     fuse_metadata_ttl_s: float
     fuse_allow_other: bool
     fuse_readahead: int
+    fuse_passthrough: bool
     p2p_port: int
     p2p_address: str
     peers: tuple[tuple[str, int], ...]

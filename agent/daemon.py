@@ -41,7 +41,7 @@ def _disk_bytes(path: Path) -> int:
     return st.f_blocks * st.f_frsize
 
 
-#: Open files the agent asks for: checked chunk files the mount keeps open, libtorrent's
+#: Open files the agent asks for: data files the mount keeps open, libtorrent's
 #: peers and files, HTTP connections. The soft limit is often 1024; the hard one far higher.
 _OPEN_FILES_WANTED = 1 << 16
 
@@ -206,7 +206,8 @@ class Agent:
             read_timeout_s=cfg.fuse_read_timeout_s, prefetch=cfg.fuse_prefetch,
             metadata_ttl_s=cfg.fuse_metadata_ttl_s), fuse_metrics)
         self.mount = Mount(view, cfg.mount, fuse_metrics, allow_other=cfg.fuse_allow_other,
-                           readahead_bytes=cfg.fuse_readahead, metadata_ttl_s=cfg.fuse_metadata_ttl_s)
+                           readahead_bytes=cfg.fuse_readahead, metadata_ttl_s=cfg.fuse_metadata_ttl_s,
+                           passthrough=cfg.fuse_passthrough)
         await asyncio.to_thread(self.mount.start)
 
     async def _serve_control(self) -> None:

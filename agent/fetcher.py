@@ -179,7 +179,7 @@ class Fetcher:
             # Copied out so the slot's buffer goes back to the next origin read now, not
             # after libtorrent has hashed and written the piece.
             piece = await asyncio.to_thread(bytes, view)
-        # libtorrent owns a shared entry's chunk files: the bytes go in through it.
+        # libtorrent owns a shared entry's data file: the bytes go in through it.
         try:
             await swarm.put_piece(torrent, index, piece)
             return None

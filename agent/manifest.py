@@ -154,11 +154,6 @@ def is_sidecar(uri_or_path: str) -> bool:
     return f"/{SIDECAR_DIR}/" in uri_or_path or uri_or_path.startswith(f"{SIDECAR_DIR}/")
 
 
-def chunk_name(index: int) -> str:
-    """A chunk's file name in its cache entry (and in the entry's torrent)."""
-    return f"{index:08d}"
-
-
 def parse_journal(lines: Iterable[bytes], count: int, width: int = 32) -> dict[int, str]:
     """Read a digest journal: one ``<index> <digest>`` line per completed chunk.
 
@@ -178,3 +173,33 @@ def parse_journal(lines: Iterable[bytes], count: int, width: int = 32) -> dict[i
 
 def journal_line(index: int, chunk_digest: str) -> bytes:
     return f"{index} {chunk_digest}\n".encode()
+
+
+#: The journal's word for "this chunk's bytes are gone" (corrupt, unreadable, or refused).
+DROPPED = "-"
+
+
+def drop_line(index: int) -> bytes:
+    return f"{index} {DROPPED}\n".encode()
+
+
+def replay_journal(lines: Iterable[bytes], count: int) -> tuple[dict[int, str], set[int]]:
+    """Replay a cache entry's chunk journal: ``<index> <digest>`` when a chunk landed in the
+    data file, ``<index> -`` when it was dropped. Returns (the last digest verified per chunk,
+    the chunks present now). Lines that do not parse (a torn tail) are ignored.
+    """
+    digests: dict[int, str] = {}
+    present: set[int] = set()
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            continue
+        index, word = int(parts[0]), parts[1].decode("ascii", "replace")
+        if not 0 <= index < count:
+            continue
+        if word == DROPPED:
+            present.discard(index)
+        elif len(word) == 32:
+            digests[index] = word
+            present.add(index)
+    return digests, present

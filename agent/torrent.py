@@ -1,10 +1,11 @@
 """The BitTorrent view of one cache entry, and who fetches which chunk from the origin. Pure.
 
-One torrent per cache entry; its files are the entry's chunk files and one piece
-is one chunk, so libtorrent reads and writes the very bytes the cache holds::
+One torrent per cache entry: a single-file torrent whose one file is the entry's data
+file (``<entry>/data``, the file's bytes at their own offsets) and whose pieces are the
+chunks, so libtorrent reads and writes the very bytes the cache holds::
 
-    info = {"coldbrew-key": <FileIdentity.key()>, "name": "chunks", "piece length": chunk_size,
-            "files": [{"length": len_i, "path": ["00000000"]}, ...], "pieces": sha1_0 + sha1_1 + ...}
+    info = {"coldbrew-key": <FileIdentity.key()>, "name": "data", "piece length": chunk_size,
+            "length": size, "pieces": sha1_0 + sha1_1 + ...}
 
 Every agent builds the info dict from the same manifest (identity, chunk size, SHA-1
 per chunk), so they all agree on the info-hash without talking. ``coldbrew-key`` is
@@ -21,7 +22,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Sequence
 
-from .manifest import Manifest, chunk_name
+from .manifest import Manifest
+
+#: The name of the torrent's one file: the data file inside a cache entry (store.DATA_FILE).
+TORRENT_FILE = "data"
 
 
 def bencode(value: Any) -> bytes:
@@ -50,9 +54,9 @@ def info_dict(manifest: Manifest) -> dict[str, Any]:
         raise ValueError(f"{manifest.identity.uri} is empty; there is nothing to share")
     return {
         "coldbrew-key": manifest.identity.key(),
-        "name": "chunks",
+        "name": TORRENT_FILE,
         "piece length": manifest.chunk_size,
-        "files": [{"length": layout.length(i), "path": [chunk_name(i)]} for i in range(layout.count)],
+        "length": layout.size,
         "pieces": b"".join(bytes.fromhex(h) for h in manifest.sha1s if h is not None),
     }
 

@@ -5,12 +5,15 @@ One local S3 server (SeaweedFS ``weed mini`` on 127.0.0.1), one object of ``--si
 bytes (``model.safetensors``, so the view prefetches it on open), agents started
 with ``--mount``, and five readings of the same bytes, each run in every repetition:
 
-  (1) direct          the agent's cache files (the chunk files) read straight from disk,
-                      warm in the page cache — the local ceiling.
-  (2) FUSE, cached    first read through the mount of a fully cached file (chunk files
-                      warm, nothing of it in the mount's page cache yet): the view's own cost.
-  (3) FUSE, again     the same file read through the mount again, a new open: served from
-                      the kernel page cache the view let it keep (``keep_cache``).
+  (1) direct          the agent's cache file (the entry's data file) read straight from
+                      disk, warm in the page cache — the local ceiling.
+  (2) FUSE, cached    first read through the mount of a fully cached file (data file warm,
+                      nothing of it in the mount's page cache yet): the view's own cost.
+                      With FUSE passthrough (libfuse >= 3.16, Linux >= 6.9) the kernel reads
+                      the data file itself; without it, requests answered by ``read_buf``.
+  (3) FUSE, again     the same file read through the mount again, a new open: passed
+                      through again, or served from the page cache the view let the mount
+                      keep (``keep_cache``).
   (4) FUSE, cold      a fresh agent (empty cache, fresh mount) and the file read through
                       the mount straight from S3: open starts the in-order prefetch.
   (5) prewarm, cold   a fresh agent and ``coldbrew prewarm URI --wait``: the agent's own
@@ -19,7 +22,7 @@ with ``--mount``, and five readings of the same bytes, each run in every repetit
 
 Every reader is the same loop: ``readv`` into one reused 8 MiB buffer, in this process.
 For context it also times [info] the same bytes read from a local file whose page cache
-is in 4 KiB folios, as a FUSE file's is (the agent's chunk files sit in large folios).
+is in 4 KiB folios, as a FUSE file's is (the agent's data file sits in large folios).
 Bars: (2)/(1) throughput >= 0.5; (3)/(1) >= 0.9; (4)/(5) >= 0.8. Bars are marked
 PASS/FAIL; the exit status is 0 regardless (a benchmark, not a test).
 
@@ -169,7 +172,7 @@ class Bench:
     def small_folio_read(self) -> float:
         """[info] The same bytes read from the page cache in 4 KiB folios, as FUSE's cache holds them.
 
-        The agent writes its chunk files in large pieces, so the kernel caches them in large
+        The agent writes its data file in large pieces, so the kernel caches it in large
         folios (2 MiB here), which read faster than the 4 KiB folios a FUSE file gets.
         Written 4 KiB at a time, a local copy is cached in 4 KiB folios too.
         """
@@ -213,11 +216,11 @@ class Bench:
                    "cpu_prewarm": {k: after[k] - before[k] for k in ("agent", "s3") if k in before}}
             # The cached file, read straight from the cache and through the mount.
             C.sync()
-            chunks = sorted(agent.cache_dir.glob("coldbrew-v1/files/*/*/chunks/*"))
-            if sum(p.stat().st_size for p in chunks) != self.size:
+            cached = sorted(agent.cache_dir.glob("coldbrew-v2/files/*/*/data"))
+            if sum(p.stat().st_size for p in cached) != self.size:
                 raise RuntimeError("the cache does not hold exactly the file's bytes")
-            C.read_files(chunks)  # warm, as (2) finds them
-            out["direct"] = self.timed_read(chunks)
+            C.read_files(cached)  # warm, as (2) finds them
+            out["direct"] = self.timed_read(cached)
             out["direct_small_folios"] = self.small_folio_read()
             fuse_path = mnt / KEY
             out["cpu_fuse_cached"] = {}
@@ -227,6 +230,8 @@ class Bench:
             out["fuse_read_requests"] = agent.metric("coldbrew_fuse_op_seconds_count", op="read")
             out["fuse_read_seconds_in_view"] = agent.metric("coldbrew_fuse_op_seconds_sum", op="read")
             out["fuse_read_bytes"] = agent.metric("coldbrew_fuse_read_bytes_total")
+            out["fuse_opens"] = {mode: agent.metric("coldbrew_fuse_opens_total", mode=mode) or 0
+                                 for mode in ("passthrough", "cached", "direct")}
             return out
         finally:
             self.stop_agent(agent, mnt)
@@ -236,7 +241,7 @@ class Bench:
         try:
             self.prepare_cold()
             cpu: dict[str, float] = {}
-            # Two models' worth of page cache: the chunk files and the mount's own pages.
+            # Two models' worth of page cache: the data file and the mount's own pages.
             seconds = self.timed_read([mnt / KEY], agent, cpu, fills=2)
             out = {"fuse_cold": seconds, "cpu_fuse_cold": cpu,
                    "origin_gets": agent.metric("coldbrew_origin_requests_total", op="get", outcome="ok"),
@@ -342,12 +347,17 @@ class Bench:
         if reqs:
             print(f"  (2) FUSE read requests: {C.median(reqs):.0f} (mean {self.size / C.median(reqs) / C.MiB:.2f} "
                   f"MiB each), mean {C.median(secs) / C.median(reqs) * 1e3:.3f} ms each inside the view")
+        opens = [rec["fuse_opens"] for rec in self.runs if rec.get("fuse_opens")]
+        if opens:
+            print("  (2)/(3) opens by mode (last run): " + ", ".join(
+                f"{mode} {n:.0f}" for mode, n in opens[-1].items())
+                  + f"; libfuse {os.environ.get('FUSE_LIBRARY_PATH') or 'system'}")
         for note in self.notes:
             print(f"note: {note}")
         print()
         print("reproduce: " + shlex.join(argv))
         if self.runs:
-            print("timed: readv(8 MiB) loops in this process over the cache's chunk files and "
+            print("timed: readv(8 MiB) loops in this process over the cache's data file and "
                   "$MOUNT/" + KEY + " ; " + self.runs[-1]["prewarm_command"])
 
     def mode_text(self) -> str:

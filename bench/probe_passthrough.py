@@ -1,14 +1,14 @@
 """Probe: FUSE passthrough through mfusepy, read speed against the backing file itself.
 
-    FUSE_LIBRARY_PATH=$(bash bench/build_libfuse.sh) python bench/probe_passthrough.py [--size 1GiB]
+    FUSE_LIBRARY_PATH=$(bash tools/build_libfuse.sh) python bench/probe_passthrough.py [--size 1GiB]
 
 Groundwork for issue 4's cached-read bars (bench/RESULTS.md). A FUSE file opened in
 passthrough mode is read by the kernel straight from a backing file, so no request reaches
 the daemon and the page cache is the backing file's own. This probe mounts a one-file view
 over a local file with mfusepy on libfuse >= 3.16 (Debian 12 has 3.14:
-``bench/build_libfuse.sh`` builds 3.17 from Debian trixie's source), twice: once with
-passthrough, once answering ``read`` from Python (the view's old path). It reads each the
-same way the FUSE benchmark does and checks the bytes.
+``tools/build_libfuse.sh`` builds 3.17 from Debian trixie's source; ``./dev setup`` puts it
+in .venv/libfuse), twice: once with passthrough, once answering ``read`` from Python (the
+view's old path). It reads each the same way the FUSE benchmark does and checks the bytes.
 
 How passthrough is asked for from mfusepy's high-level API (no binding helps):
 * at init, ``conn.want |= FUSE_CAP_PASSTHROUGH`` and ``max_backing_stack_depth = 1``;
@@ -147,7 +147,7 @@ def main() -> int:
     print(f"libfuse {mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor} "
           f"({os.environ.get('FUSE_LIBRARY_PATH', 'system')})")
     if (mfusepy.fuse_version_major, mfusepy.fuse_version_minor) < (3, 16):
-        print("needs libfuse >= 3.16: FUSE_LIBRARY_PATH=$(bash bench/build_libfuse.sh)", file=sys.stderr)
+        print("needs libfuse >= 3.16: FUSE_LIBRARY_PATH=$(bash tools/build_libfuse.sh)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="coldbrew-passthrough-"))
     backing = work / "backing.bin"

@@ -41,6 +41,12 @@ class FuseMetrics:
             "coldbrew_fuse_timeouts",
             "FUSE operations that gave up after fuse_read_timeout_s and failed with EIO",
             ["op"], registry=r)
+        self.opens = Counter(
+            "coldbrew_fuse_opens",
+            "Files opened through the mount, by mode: passthrough (the kernel reads the cache's "
+            "data file itself; those reads are not in coldbrew_fuse_read_bytes_total), cached "
+            "(reads through the agent, kept in the page cache) or direct (direct_io)",
+            ["mode"], registry=r)
         self.open_files = Gauge(
             "coldbrew_fuse_open_files", "Files open through the mount now", registry=r)
         self.mounted = Gauge("coldbrew_fuse_mounted", "1 while the view is mounted", registry=r)

@@ -36,6 +36,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ from types import ModuleType
 from typing import Any
 
 from ..agent.errors import ConfigError
-from . import bufvec
+from . import bufvec, passthrough
 from .metrics import FuseMetrics
 from .view import View
 
@@ -56,7 +57,15 @@ _DEAD_ERRNOS = {errno.ENOTCONN, errno.ECONNABORTED}
 
 
 def load_mfusepy() -> ModuleType:
-    """Import mfusepy bound to libfuse3, or explain what to install."""
+    """Import mfusepy bound to libfuse3, or explain what to install.
+
+    ``FUSE_LIBRARY_PATH`` picks the library; unset, the libfuse 3.17 that ``./dev setup``
+    builds into the environment (``<prefix>/libfuse``) is used where it exists (passthrough
+    needs >= 3.16), else the system's libfuse3.
+    """
+    built = Path(sys.prefix, "libfuse", "libfuse3.so.4")
+    if "FUSE_LIBRARY_PATH" not in os.environ and built.is_file():
+        os.environ["FUSE_LIBRARY_PATH"] = str(built)
     os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
     try:
         import mfusepy
@@ -170,7 +179,8 @@ class Mount:
     """The view mounted at one path, served by libfuse threads inside the agent."""
 
     def __init__(self, view: View, mountpoint: Path, metrics: FuseMetrics, *, allow_other: bool = True,
-                 readahead_bytes: int = 4 << 20, metadata_ttl_s: float = 10.0) -> None:
+                 readahead_bytes: int = 4 << 20, metadata_ttl_s: float = 10.0,
+                 passthrough: bool = True) -> None:
         self.view = view
         self.mountpoint = Path(os.path.abspath(mountpoint))
         self.metrics = metrics
@@ -179,13 +189,16 @@ class Mount:
         self.metadata_ttl_s = metadata_ttl_s
         self.dev: int | None = None
         self.splice = False  # the kernel takes spliced replies (set at init)
+        self.want_passthrough = passthrough
+        self.passthrough = False  # complete files are passed through (set at init)
+        self._mfusepy: ModuleType | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
     def start(self, timeout_s: float = 30.0) -> None:
         """Mount and return once the kernel talks to us (blocking: call it off the event loop)."""
-        mfusepy = load_mfusepy()
+        mfusepy = self._mfusepy = load_mfusepy()
         prepare_mountpoint(self.mountpoint, self.metrics)
         self.view.on_init = self._on_init
         # The kernel asks again after a second; the view answers from its own cache (metadata_ttl_s).
@@ -224,7 +237,8 @@ class Mount:
         readahead_kib = set_readahead(self.mountpoint, self.readahead_bytes)
         self.metrics.mounted.set(1)
         log.info("FUSE view mounted", extra={"mountpoint": str(self.mountpoint),
-                                             "read_ahead_kb": readahead_kib, "splice": self.splice})
+                                             "read_ahead_kb": readahead_kib, "splice": self.splice,
+                                             "passthrough": self.passthrough})
 
     def _on_init(self, conn: Any, config: Any) -> None:
         # Replies to reads are file ranges (View.read_buf): let libfuse splice them from the
@@ -232,7 +246,24 @@ class Mount:
         if conn is not None and conn.capable & bufvec.FUSE_CAP_SPLICE_WRITE:
             conn.want |= bufvec.FUSE_CAP_SPLICE_WRITE
             self.splice = True
+        if conn is not None and self.want_passthrough and self._mfusepy is not None:
+            self._enable_passthrough(conn, self._mfusepy)
         self._ready.set()
+
+    def _enable_passthrough(self, conn: Any, mfusepy: ModuleType) -> None:
+        # Complete files are then read by the kernel from the cache's data files (see
+        # :mod:`.passthrough`); without it every read is a request answered by read_buf.
+        why = passthrough.supported_by(mfusepy)
+        if why is None and not conn.capable & passthrough.FUSE_CAP_PASSTHROUGH:
+            why = "the kernel does not offer it (Linux >= 6.9 has it)"
+        if why is not None:
+            log.info("FUSE passthrough unavailable: %s; cached files are read through the agent",
+                     why)
+            return
+        conn.want |= passthrough.FUSE_CAP_PASSTHROUGH
+        conn.max_backing_stack_depth = 1
+        self.view.passthrough = passthrough.Passthrough(mfusepy)
+        self.passthrough = True
 
     @property
     def alive(self) -> bool:

@@ -11,14 +11,24 @@ syscall fails with EIO — a reader never hangs on a dead origin. Everything els
 (attributes from the listing cache, bytes of a chunk already on disk) is answered on
 the FUSE thread without touching the loop.
 
-Bytes. A chunk present on disk is opened, checked against its digest once, and kept
-open; a read is answered with ``read_buf``: the descriptor and offset go to libfuse,
-which moves the bytes into the kernel itself (spliced, where the kernel allows), so
-no Python code copies a cached byte. The check is remembered per chunk file identity
-(inode, mtime, size): a chunk file replaced or touched on disk is checked again, and
-one that fails is dropped (counted as corrupt) and fetched again. Chunks the cache
-could not store (disk full or failing) come back from the fetcher as bytes and are
-kept per open file, a few at a time.
+Bytes. A cached file's data file (the store keeps each file's bytes at their own
+offsets) is opened once and kept open; a read is answered with ``read_buf``: the
+descriptor and offset go to libfuse, which moves the bytes into the kernel itself
+(spliced, where the kernel allows), so no Python code copies a cached byte. Each chunk
+is checked against its digest before it is first served, and the check is remembered
+until its bytes land again (the store's per-chunk stamp) or someone other than the
+store writes the data file (its mtime, looked at on every open): a chunk that fails is
+dropped (counted as corrupt) and fetched again. Chunks the cache could not store (disk
+full or failing) come back from the fetcher as bytes and are kept per open file, a few
+at a time.
+
+Passthrough. A file that is wholly cached, every chunk checked, is opened in passthrough
+mode where the kernel and libfuse allow it (:mod:`.passthrough`): the kernel then reads
+the data file itself, at its speed, and none of those reads reach this module. A chunk
+is known good when the store wrote it from bytes that matched the digest (or hashed it
+in place) and nobody else has written the data file since; otherwise it is hashed at
+open. Other opens of a path passed through use ``direct_io`` (the kernel's rule: one
+backing file per inode, never beside its page cache).
 
 Page cache. An open file is pinned to one ETag (``Fetcher.open``), so its bytes never
 change: the kernel may keep them across opens (``keep_cache``), and a second read runs
@@ -57,15 +67,16 @@ import xxhash
 from ..agent.errors import ColdbrewError, ObjectChanged, RequestTimeout, errno_for
 from ..agent.fetcher import Fetcher, OpenFile, Priority
 from ..agent.origin import ObjectInfo
-from ..agent.store import digest_fd
+from ..agent.store import Entry, digest_fd
 from . import bufvec
 from .metrics import FuseMetrics
+from .passthrough import Passthrough
 
 log = logging.getLogger("coldbrew.fuse")
 
 T = TypeVar("T")
 
-#: Checked chunk files kept open across reads (one descriptor each).
+#: Data files kept open across reads (one descriptor per cached file).
 _FDS_KEPT = 256
 #: Chunks the cache could not store, kept per open file (bytes in memory).
 _UNCACHED_KEPT = 4
@@ -98,17 +109,27 @@ class Node:
 class _Handle:
     rel: str
     file: OpenFile
+    mode: str = "cached"  # "passthrough", "cached" (the kernel's page cache), "direct" (direct_io)
     uncached: OrderedDict[int, bytearray] = field(default_factory=OrderedDict)
     last_index: int = -1
 
 
-@dataclass(eq=False)
-class _ChunkFile:
-    """A chunk file checked against its digest, held open to serve reads from."""
+@dataclass
+class _Backing:
+    """A data file the kernel passes one path's opens through to."""
 
-    key: tuple[str, int]  # (entry key, chunk index)
-    identity: tuple[int, int, int]  # (st_ino, st_mtime_ns, st_size) of the chunk file checked
-    path: str
+    key: str  # the entry (version) passed through
+    backing_id: int
+    fd: int  # ours, closed with the id
+    opens: int = 0
+
+
+@dataclass(eq=False)
+class _DataFile:
+    """A cache entry's data file, held open to serve reads from."""
+
+    key: str  # the entry's key
+    ino: int
     fd: int
     closed: bool = False
 
@@ -120,6 +141,8 @@ class _PageState:
     etag: str | None = None
     dirty: bool = False  # two versions were open at once: drop the pages at the next clean open
     open_etags: dict[str, int] = field(default_factory=dict)
+    cached_opens: int = 0  # open with the page cache (no passthrough possible meanwhile)
+    backing: _Backing | None = None  # passed through to this, while open
 
 
 def inode_of(rel: str) -> int:
@@ -189,11 +212,17 @@ class View:
         self._fh = itertools.count(1)
         self._open_per_entry: dict[str, int] = {}
         self._pages: dict[str, _PageState] = {}
-        self._files: OrderedDict[tuple[str, int], _ChunkFile] = OrderedDict()
+        self._files: OrderedDict[str, _DataFile] = OrderedDict()
         self._served: dict[int, tuple[int, ...]] = {}  # thread -> descriptors of its last reply
-        self._retired: list[_ChunkFile] = []  # dropped from _files, closed once no reply uses them
+        self._retired: list[_DataFile] = []  # dropped from _files, closed once no reply uses them
+        #: (entry key, chunk) -> the store's stamp of the bytes checked against the digest.
+        self._checked: dict[tuple[str, int], int] = {}
+        #: entry key -> (inode, mtime) of its data file when an open last looked.
+        self._seen: dict[str, tuple[int, int]] = {}
         self._stripes = [threading.Lock() for _ in range(64)]
         self.on_init: Callable[[Any, Any], None] | None = None
+        #: Set by the mount when the kernel and libfuse can pass files through.
+        self.passthrough: Passthrough | None = None
 
     # --- the bridge to the agent's event loop -------------------------------------------------
 
@@ -342,26 +371,77 @@ class View:
         info = ObjectInfo(node.uri, node.size, node.etag or "",
                           node.mtime_ns / 1e9 if node.mtime_ns is not None else None)
         f = self._call("open", self._open(info, self._wants_prefetch(rel)))
-        etag = f.info.etag
+        try:
+            self._notice_outside_writes(f.entry)
+            whole = self._whole_and_checked(f.entry)
+        except BaseException:
+            self.store.unpin(f.entry)
+            raise
         with self._lock:
+            page = self._pages.setdefault(rel, _PageState())
+            mode = self._choose_mode(page, f, whole, fi)
             fh = next(self._fh)
-            self._handles[fh] = _Handle(rel, f)
             key = f.entry.key
             self._open_per_entry[key] = self._open_per_entry.get(key, 0) + 1
-            page = self._pages.setdefault(rel, _PageState())
-            others = any(e != etag and n > 0 for e, n in page.open_etags.items())
-            if others:  # another version is open on this path: stay out of the shared page cache
-                fi.direct_io, fi.keep_cache = 1, 0
-                page.dirty = True
-            elif page.etag == etag and not page.dirty:
-                fi.keep_cache = 1  # same immutable bytes as before: keep the kernel's pages
-            else:
-                fi.keep_cache = 0  # the kernel drops what it held for this path
-                page.etag, page.dirty = etag, False
-            page.open_etags[etag] = page.open_etags.get(etag, 0) + 1
+            self._handles[fh] = _Handle(rel, f, mode)
+            page.open_etags[f.info.etag] = page.open_etags.get(f.info.etag, 0) + 1
         fi.fh = fh
         self.metrics.open_files.inc()
+        self.metrics.opens.labels(mode).inc()
         return 0
+
+    def _choose_mode(self, page: _PageState, f: OpenFile, whole: bool, fi: Any) -> str:
+        """Passthrough, the page cache, or direct_io for this open (under ``_lock``)."""
+        etag, key = f.info.etag, f.entry.key
+        if whole and (page.backing.key == key if page.backing else not page.cached_opens):
+            if page.backing is None:
+                page.backing = self._register(f.entry)
+            if page.backing is not None and self.passthrough is not None:
+                page.backing.opens += 1
+                self.passthrough.answer(fi, page.backing.backing_id)
+                return "passthrough"
+        others = any(e != etag and n > 0 for e, n in page.open_etags.items())
+        if others or page.backing is not None:
+            # Another version is open (stay out of the shared page cache), or the inode is
+            # passed through (the kernel allows no page cache beside it).
+            fi.direct_io, fi.keep_cache = 1, 0
+            page.dirty = page.dirty or others
+            return "direct"
+        if page.etag == etag and not page.dirty:
+            fi.keep_cache = 1  # same immutable bytes as before: keep the kernel's pages
+        else:
+            fi.keep_cache = 0  # the kernel drops what it held for this path
+            page.etag, page.dirty = etag, False
+        page.cached_opens += 1
+        return "cached"
+
+    def _register(self, entry: Entry) -> _Backing | None:
+        """The entry's data file registered as a backing file (None: passthrough refused)."""
+        pt = self.passthrough
+        if pt is None or not pt.enabled:
+            return None
+        try:
+            fd = os.open(entry.data_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        backing_id = pt.register(fd)
+        if backing_id is None:
+            os.close(fd)
+            return None
+        return _Backing(entry.key, backing_id, fd)
+
+    def _unregister(self, backing: _Backing) -> None:
+        if self.passthrough is not None:
+            self.passthrough.unregister(backing.backing_id)
+        os.close(backing.fd)
+
+    def _whole_and_checked(self, entry: Entry) -> bool:
+        """True if passthrough may serve ``entry``: every chunk present and known good (the
+        ones not known good are hashed now; a bad one is dropped, and the read path fetches it)."""
+        if self.passthrough is None or not self.passthrough.enabled or not entry.complete:
+            return False
+        return all(self._checked_file(entry, index) is not None
+                   for index in range(entry.layout.count))
 
     @_op("release")
     def release(self, path: str | None, fi: Any) -> int:
@@ -382,6 +462,13 @@ class View:
                 page.open_etags[etag] = page.open_etags.get(etag, 1) - 1
                 if page.open_etags[etag] <= 0:
                     del page.open_etags[etag]
+                if handle.mode == "cached":
+                    page.cached_opens -= 1
+                elif handle.mode == "passthrough" and page.backing is not None:
+                    page.backing.opens -= 1
+                    if page.backing.opens <= 0:
+                        self._unregister(page.backing)
+                        page.backing = None
         self.store.unpin(handle.file.entry)
         self.metrics.open_files.dec()
         return 0
@@ -404,33 +491,39 @@ class View:
         return 0
 
     def _pieces(self, handle: _Handle, offset: int, end: int) -> list[bufvec.FilePiece | bytearray]:
-        """Where bytes [offset, end) are; every file descriptor in it stays open until this
-        thread's next read (libfuse reads from them after we return)."""
+        """Where bytes [offset, end) are (neighbouring ranges of one file joined); every file
+        descriptor in it stays open until this thread's next read (libfuse reads from them
+        after we return)."""
         layout = handle.file.entry.layout
         first, last = offset // layout.chunk_size, (end - 1) // layout.chunk_size
         for _ in range(8):
             sources = [self._chunk(handle, index) for index in range(first, last + 1)]
             with self._lock:
-                if any(isinstance(s, _ChunkFile) and s.closed for s in sources):
-                    continue  # evicted between lookup and here (rare): look again
+                if any(isinstance(s, _DataFile) and s.closed for s in sources):
+                    continue  # closed between lookup and here (rare): look again
                 self._served[threading.get_ident()] = tuple(
-                    s.fd for s in sources if isinstance(s, _ChunkFile))
+                    {s.fd for s in sources if isinstance(s, _DataFile)})
                 self._close_retired()
             break
         else:
-            raise OSError(errno.EIO, f"{handle.file.info.uri}: chunk files kept changing under the read")
+            raise OSError(errno.EIO, f"{handle.file.info.uri}: its data file kept changing under the read")
         pieces: list[bufvec.FilePiece | bytearray] = []
         for index, source in zip(range(first, last + 1), sources):
             start = index * layout.chunk_size
-            lo, hi = max(offset, start) - start, min(end, start + layout.length(index)) - start
-            if isinstance(source, _ChunkFile):
-                pieces.append((source.fd, lo, hi - lo))
+            lo, hi = max(offset, start), min(end, start + layout.length(index))
+            if not isinstance(source, _DataFile):
+                pieces.append(source if (lo, hi) == (start, start + len(source))
+                              else source[lo - start:hi - start])
+            elif pieces and isinstance(pieces[-1], tuple) and pieces[-1][0] == source.fd:
+                fd, at, n = pieces[-1]  # the next chunk of the same file: one range
+                pieces[-1] = (fd, at, n + hi - lo)
             else:
-                pieces.append(source if (lo, hi) == (0, len(source)) else source[lo:hi])
+                pieces.append((source.fd, lo, hi - lo))
         return pieces
 
-    def _chunk(self, handle: _Handle, index: int) -> _ChunkFile | bytearray:
-        """Chunk ``index``: a checked chunk file, or the bytes when the cache could not store them."""
+    def _chunk(self, handle: _Handle, index: int) -> _DataFile | bytearray:
+        """Chunk ``index``: the data file it was checked in, or the bytes when the cache could
+        not store them."""
         kept = handle.uncached.get(index)
         if kept is not None:
             return kept
@@ -452,66 +545,89 @@ class View:
                     while len(handle.uncached) > _UNCACHED_KEPT:
                         handle.uncached.popitem(last=False)
                     return kept
-            found = self._chunk_file(f, index)
+            found = self._checked_file(f.entry, index)
             if found is not None:
                 return found
         raise OSError(errno.EIO, f"chunk {index} of {f.info.uri} kept failing its digest check")
 
-    def _chunk_file(self, f: OpenFile, index: int) -> _ChunkFile | None:
-        """The chunk file opened and checked; None if it is gone or corrupt (then dropped)."""
-        entry = f.entry
-        key = (entry.key, index)
-        known = self._files.get(key)
-        path = known.path if known is not None else str(entry.chunk_path(index))
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
+    def _checked_file(self, entry: Entry, index: int) -> _DataFile | None:
+        """The data file, with chunk ``index`` in it checked; None if the file is gone or the
+        chunk corrupt (then dropped)."""
+        data = self._data_file(entry)
+        if data is None:
             self.store.drop_chunk(entry, index)
             return None
-        identity = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if known is not None and known.identity == identity and not known.closed:
-            return known
-        # Kernel read-ahead asks for several pieces of one chunk at once: open and check it once.
+        key, stamp = (entry.key, index), entry.stamps.get(index)
+        if index in entry.known_good or (stamp is not None and self._checked.get(key) == stamp):
+            return data
+        # Kernel read-ahead asks for several pieces of one chunk at once: check it once.
         with self._stripes[hash(key) % len(self._stripes)]:
-            known = self._files.get(key)
-            if known is not None and known.identity == identity and not known.closed:
-                return known
-            return self._open_and_check(entry, index, path)
+            if stamp is None or self._checked.get(key) != stamp:
+                if not self._check(data, entry, index):
+                    self.store.report_corrupt(entry, index)
+                    return None
+                self._checked[key] = stamp
+        return data
 
-    def _open_and_check(self, entry: Any, index: int, path: str) -> _ChunkFile | None:
+    @staticmethod
+    def _check(data: _DataFile, entry: Entry, index: int) -> bool:
+        start, end = entry.layout.bounds(index)
+        if os.fstat(data.fd).st_size < end:
+            return False
+        return digest_fd(data.fd, end - start, start) == entry.digests.get(index)
+
+    def _data_file(self, entry: Entry) -> _DataFile | None:
+        """The entry's data file, open (kept across reads); None if it is not on disk."""
+        found = self._files.get(entry.key)
+        if found is not None and not found.closed:
+            return found
+        with self._stripes[hash(entry.key) % len(self._stripes)]:
+            found = self._files.get(entry.key)
+            if found is not None and not found.closed:
+                return found
+            try:
+                fd = os.open(entry.data_path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            data = _DataFile(entry.key, os.fstat(fd).st_ino, fd)
+            with self._lock:
+                old = self._files.pop(entry.key, None)
+                if old is not None:
+                    self._retire(old)
+                self._files[entry.key] = data
+                while len(self._files) > _FDS_KEPT:
+                    self._retire(self._files.popitem(last=False)[1])
+        return data
+
+    def _notice_outside_writes(self, entry: Entry) -> None:
+        """At open: if someone other than the store wrote the data file (since the last open,
+        or since the store's last write), its chunks are checked again before they are served
+        (and the file is reopened if it was replaced)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            self.store.drop_chunk(entry, index)
-            return None
-        try:
-            st = os.fstat(fd)
-            want = entry.layout.length(index)
-            ok = st.st_size == want > 0 and digest_fd(fd, want) == entry.digests.get(index)
-        except BaseException:
-            os.close(fd)
-            raise
-        if not ok:
-            os.close(fd)
-            self.store.report_corrupt(entry, index)
-            return None
-        chunk_file = _ChunkFile((entry.key, index), (st.st_ino, st.st_mtime_ns, st.st_size), path, fd)
+            st = os.stat(entry.data_path)
+        except OSError:
+            return
+        now = (st.st_ino, st.st_mtime_ns)
         with self._lock:
-            old = self._files.pop((entry.key, index), None)
-            if old is not None:
-                self._retire(old)
-            self._files[(entry.key, index)] = chunk_file
-            while len(self._files) > _FDS_KEPT:
-                self._retire(self._files.popitem(last=False)[1])
-        return chunk_file
+            seen = self._seen.get(entry.key)
+            self._seen[entry.key] = now
+            if seen == now:
+                return
+            if st.st_mtime_ns != entry.data_mtime_ns:  # not the store's last write
+                self.store.distrust(entry)
+                for key in [k for k in self._checked if k[0] == entry.key]:
+                    del self._checked[key]
+            held = self._files.get(entry.key)
+            if held is not None and held.ino != st.st_ino:
+                self._retire(self._files.pop(entry.key))
 
     # Descriptor lifetime. libfuse reads a reply's bytes from our descriptors after read_buf
     # returns, on the same thread, before that thread takes its next request. So a
     # descriptor dropped from ``_files`` is closed only once no thread's last reply used it.
     # (All under ``_lock``.)
 
-    def _retire(self, chunk_file: _ChunkFile) -> None:
-        self._retired.append(chunk_file)
+    def _retire(self, data: _DataFile) -> None:
+        self._retired.append(data)
         self._close_retired()
 
     def _close_retired(self) -> None:
@@ -519,27 +635,27 @@ class View:
             return
         busy = {fd for fds in self._served.values() for fd in fds}
         keep = []
-        for chunk_file in self._retired:
-            if chunk_file.fd in busy:
-                keep.append(chunk_file)
+        for data in self._retired:
+            if data.fd in busy:
+                keep.append(data)
             else:
-                chunk_file.closed = True
-                os.close(chunk_file.fd)
+                data.closed = True
+                os.close(data.fd)
         self._retired = keep
 
     def _close_entry(self, key: str) -> None:
         """Close every descriptor of an entry no handle has open: the kernel sends RELEASE only
         after its last read of the file, so none of them is in use (also those a thread that
         has since exited served last)."""
-        closing = [self._files.pop(k) for k in [k for k in self._files if k[0] == key]]
-        closing += [m for m in self._retired if m.key[0] == key]
+        closing = [self._files.pop(key)] if key in self._files else []
+        closing += [m for m in self._retired if m.key == key]
         if not closing:
             return
-        self._retired = [m for m in self._retired if m.key[0] != key]
+        self._retired = [m for m in self._retired if m.key != key]
         fds = {m.fd for m in closing}
-        for chunk_file in closing:
-            chunk_file.closed = True
-            os.close(chunk_file.fd)
+        for data in closing:
+            data.closed = True
+            os.close(data.fd)
         for tid in [t for t, served in self._served.items() if fds.intersection(served)]:
             del self._served[tid]
 
@@ -563,9 +679,13 @@ class View:
             handles = list(self._handles.values())
             self._handles.clear()
             self._open_per_entry.clear()
-            for chunk_file in [*self._files.values(), *self._retired]:
-                chunk_file.closed = True
-                os.close(chunk_file.fd)
+            for data in [*self._files.values(), *self._retired]:
+                data.closed = True
+                os.close(data.fd)
+            for page in self._pages.values():
+                if page.backing is not None:
+                    self._unregister(page.backing)
+                    page.backing = None
             self._files.clear()
             self._retired.clear()
             self._served.clear()

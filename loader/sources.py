@@ -5,7 +5,7 @@ the engine that file's header bytes, and then fills byte ranges into
 destination memory: ``await source.fill(begin, end, views)`` writes file bytes
 ``[begin, end)`` into ``views`` — ``(file offset, memoryview)`` pairs, sorted,
 disjoint, inside the range; bytes between views are not wanted. The engine
-never sees HTTP, chunk files or digests. The sources:
+never sees HTTP, cache files or digests. The sources:
 
 * :class:`LocalFileSource` — a local path (a FUSE mount path is one too):
   ``preadv`` straight into the destination, one syscall per range.
@@ -13,7 +13,7 @@ never sees HTTP, chunk files or digests. The sources:
   local file, then every block checked against its xxh3-128 digest; a bad block
   is read from the origin instead and the entry is dropped.
 * :class:`AgentSource` — the node agent: ``ensure`` makes chunks present, the
-  chunk files are read with ``preadv`` and verified against the agent's digests
+  chunks are read from its data file with ``preadv`` and verified against its digests
   (a bad one is reported, re-ensured, then streamed); chunks the agent could not
   cache (cache full) are streamed over the socket.
 * :class:`OriginSource` — S3 or any fsspec URL through the agent's
@@ -316,7 +316,7 @@ class CacheFileSource(LocalFileSource):
 
 
 class AgentSource(Source):
-    """Bytes through the node agent's cache: chunk files, verified, read with ``preadv``."""
+    """Bytes through the node agent's cache: its data files, verified, read with ``preadv``."""
 
     kind = "agent"
     whole_blocks = True
@@ -432,17 +432,18 @@ class AgentSource(Source):
 
 
 def _read_chunk(chunk: dict[str, Any], views: Sequence[View]) -> bool:
-    """Read a whole agent chunk file into ``views`` (+ scratch) and check its digest."""
+    """Read a whole chunk from the agent's data file into ``views`` (+ scratch) and check
+    its digest. The chunk lies at its own offset in that file (the object's layout)."""
     try:
         fd = os.open(chunk["path"], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return False  # evicted by hand?: the caller falls back to the stream
     try:
         begin, length = int(chunk["offset"]), int(chunk["length"])
-        if os.fstat(fd).st_size != length:
+        if os.fstat(fd).st_size < begin + length:
             return False
         buffers = cover(begin, begin + length, views)
-        if pread_into(fd, 0, buffers) != length:
+        if pread_into(fd, begin, buffers) != length:
             return False
         return chunk.get("digest") is None or digest_of(buffers) == chunk["digest"]
     finally:

@@ -63,7 +63,7 @@ def test_prewarm_status_get_evict(bucket, s3_client, make_agent, tmp_path):
     assert len(evicted["evicted"]) == 4 and evicted["bytes"] == sum(len(d) for d in files.values())
     after = json.loads(agent.cli("status", "llama", "--json", check=True).stdout)
     assert all(f["cached_bytes"] == 0 for f in after["files"]) and after["agent"]["cache_bytes"] == 0
-    assert not list((agent.cache_dir / "coldbrew-v1" / "files").glob("*/*"))
+    assert not list((agent.cache_dir / "coldbrew-v2" / "files").glob("*/*"))
 
 
 def test_restart_comes_back_warm(bucket, s3_client, make_agent, proxy, tmp_path):

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
-from coldbrew.agent.manifest import digest, parse_journal
+from coldbrew.agent.manifest import digest, replay_journal
 from support.data import put_random
 
 MiB = 1 << 20
 
 
 def _chunks_on_disk_are_whole_and_journaled(cache_dir) -> int:
-    """Every chunk file in the cache matches its journal digest; returns how many there are."""
+    """Every chunk the journal says is present matches its digest in the data file (none
+    is torn); returns how many there are."""
     count = 0
-    for entry in (cache_dir / "coldbrew-v1" / "files").glob("*/*"):
-        journal = parse_journal((entry / "journal").read_bytes().splitlines(), 1 << 30)
-        for chunk in (entry / "chunks").iterdir():
-            assert int(chunk.name) in journal, f"{chunk} has no journal line"
-            assert digest(chunk.read_bytes()) == journal[int(chunk.name)], f"{chunk} is torn"
+    for entry in (cache_dir / "coldbrew-v2" / "files").glob("*/*"):
+        meta = json.loads((entry / "meta.json").read_bytes())
+        chunk = meta["chunk_size"]
+        digests, present = replay_journal((entry / "journal").read_bytes().splitlines(), 1 << 30)
+        data = (entry / "data").read_bytes()
+        assert len(data) == meta["size"], "the data file has the object's size"
+        for index in present:
+            piece = data[index * chunk:(index + 1) * chunk]
+            assert digest(piece) == digests[index], f"chunk {index} of {entry} is torn"
             count += 1
     return count
 
@@ -34,7 +40,7 @@ def test_kill9_during_prewarm_then_restart(bucket, s3_client, make_agent, proxy,
     cached_before = []
     for round_no in range(4):
         agent.start()
-        tmp_dir = agent.cache_dir / "coldbrew-v1" / "tmp"
+        tmp_dir = agent.cache_dir / "coldbrew-v2" / "tmp"
         assert not any(tmp_dir.iterdir()), "leftover temp files are cleaned at start"
         cached_before.append(_chunks_on_disk_are_whole_and_journaled(agent.cache_dir))
         # Whatever survived is served byte-exact, and is never re-fetched.
@@ -47,7 +53,7 @@ def test_kill9_during_prewarm_then_restart(bucket, s3_client, make_agent, proxy,
         assert status["cached_bytes"] <= size
 
     agent.start()
-    assert not any((agent.cache_dir / "coldbrew-v1" / "tmp").iterdir())
+    assert not any((agent.cache_dir / "coldbrew-v2" / "tmp").iterdir())
     survived = _chunks_on_disk_are_whole_and_journaled(agent.cache_dir)
     assert survived > 0 and cached_before[-1] > 0, "the kills landed after some chunks were cached"
     proxy.reset_counts()

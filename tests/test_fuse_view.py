@@ -203,17 +203,34 @@ def test_reads_are_exact_pinned_and_verified(world):
     assert _read(view, "/m/w.dat", 2 * CHUNK, CHUNK - 10, fi) == data[CHUNK - 10:3 * CHUNK - 10]  # spans
     assert _read(view, "/m/w.dat", 10_000, len(data) - 50, fi) == data[-50:]  # short at the end
     assert _read(view, "/m/w.dat", 10, len(data), fi) == b""
-    # A chunk file flipped on disk is caught, dropped, counted and fetched again.
-    path = handle.file.entry.chunk_path(1)
-    raw = bytearray(path.read_bytes())
-    raw[5] ^= 0xFF
-    path.write_bytes(bytes(raw))
+    # A byte flipped in the data file (not by the store) is caught at the next open: the
+    # chunk is dropped, counted and fetched again; the chunks around it are checked again.
+    entry = handle.file.entry
+    with open(entry.data_path, "r+b") as f:
+        f.seek(CHUNK + 5)
+        b = f.read(1)
+        f.seek(CHUNK + 5)
+        f.write(bytes([b[0] ^ 0xFF]))
+    view.release("/m/w.dat", fi)
+    deadline = time.monotonic() + 5  # the read-ahead the reads above started holds it meanwhile
+    while world.store.pinned(handle.file.entry) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not world.store.pinned(handle.file.entry)
+    fi = _fi()
+    view.open("/m/w.dat", fi)
     gets = sum(c.startswith("get ") for c in world.origin.calls)
-    assert _read(view, "/m/w.dat", 100, CHUNK, fi) == data[CHUNK:CHUNK + 100]
+    assert _read(view, "/m/w.dat", 2 * CHUNK, 0, fi) == data[:2 * CHUNK]
     assert world.metrics.value("coldbrew_corrupt_chunks_total", source="cache") == 1
     assert sum(c.startswith("get ") for c in world.origin.calls) == gets + 1
+    # The store's own writes do not void what was checked: the next open checks nothing.
     view.release("/m/w.dat", fi)
-    assert not world.store.pinned(handle.file.entry)
+    fi = _fi()
+    view.open("/m/w.dat", fi)
+    checked = dict(view._checked)
+    assert _read(view, "/m/w.dat", 2 * CHUNK, 0, fi) == data[:2 * CHUNK]
+    assert view._checked == checked and (entry.key, 0) in checked, "chunk 0 was hashed once"
+    assert 1 in entry.known_good, "chunk 1 was written by the store from checked bytes"
+    view.release("/m/w.dat", fi)
 
 
 def _open_fds() -> set[int]:
@@ -230,45 +247,58 @@ def _is_open(fd: int) -> bool:
 
 def test_reads_hand_libfuse_descriptors_that_stay_open_while_it_may_use_them(world, monkeypatch):
     """read_buf answers with (fd, offset): libfuse reads the bytes after we return, so a
-    descriptor evicted meanwhile is closed only after the thread that served it moves on,
-    and every descriptor is closed when the last handle on the file is released."""
+    descriptor dropped from the view's table meanwhile is closed only after the thread that
+    served it moves on, and a file's descriptor is closed when its last handle is released."""
     import coldbrew.fuse.view as view_module
 
     monkeypatch.setattr(view_module, "_FDS_KEPT", 2)
-    data = os.urandom(4 * CHUNK)
-    world.origin.put("m/fd.dat", data)
+    files = {name: os.urandom(2 * CHUNK) for name in ("a", "b", "c")}
+    for name, data in files.items():
+        world.origin.put(f"m/{name}.dat", data)
     view = world.view
     before = _open_fds()
-    fi = _fi()
-    view.open("/m/fd.dat", fi)
+    fis = {}
+    for name in files:
+        fis[name] = _fi()
+        view.open(f"/m/{name}.dat", fis[name])
 
-    # Another thread (a libfuse worker) serves chunk 0 and keeps its reply's descriptor.
+    # Another thread (a libfuse worker) serves a.dat and keeps its reply's descriptor.
     worker = ThreadPoolExecutor(1)
     slot = ctypes.c_void_p()
-    worker.submit(view.read_buf, "/m/fd.dat", ctypes.pointer(slot), 100, 0, fi).result()
+    worker.submit(view.read_buf, "/m/a.dat", ctypes.pointer(slot), 100, 0, fis["a"]).result()
     try:
-        fd0 = bufvec.FuseBufVec.from_address(slot.value).buf[0].fd
-        assert bufvec.read_back(slot.value) == data[:100]
+        fd_a = bufvec.FuseBufVec.from_address(slot.value).buf[0].fd
+        assert bufvec.read_back(slot.value) == files["a"][:100]
     finally:
         bufvec.release(slot.value)
-    # This thread reads chunks 1..3: chunk 0's descriptor leaves the table (only 2 are kept)
-    # but the worker's last reply used it, so it must still be open.
-    for i in (1, 2, 3):
-        assert _read(view, "/m/fd.dat", 100, i * CHUNK, fi) == data[i * CHUNK:i * CHUNK + 100]
-    assert all(key[1] != 0 for key in view._files), "chunk 0 was evicted from the table"
-    chunk0 = view._handles[fi.fh].file.entry.chunk_path(0)
-    assert _is_open(fd0) and os.fstat(fd0).st_ino == chunk0.stat().st_ino, \
+    # This thread reads b and c: a's descriptor leaves the table (only 2 are kept), but
+    # the worker's last reply used it, so it must still be open.
+    for name in ("b", "c"):
+        assert _read(view, f"/m/{name}.dat", 100, CHUNK, fis[name]) == files[name][CHUNK:CHUNK + 100]
+    a_key = view._handles[fis["a"].fh].file.entry.key
+    assert a_key not in view._files, "a.dat was dropped from the table"
+    a_data = view._handles[fis["a"].fh].file.entry.data_path
+    assert _is_open(fd_a) and os.fstat(fd_a).st_ino == a_data.stat().st_ino, \
         "closed while libfuse could still be reading from it"
     assert len(_open_fds() - before) <= 3  # 2 kept + the one held for the worker
     # Once the worker serves something else, the old descriptor is closed.
-    assert worker.submit(_read, view, "/m/fd.dat", 100, 3 * CHUNK, fi).result() == data[3 * CHUNK:][:100]
-    assert not _is_open(fd0)
+    assert worker.submit(_read, view, "/m/c.dat", 100, 0, fis["c"]).result() == files["c"][:100]
+    assert not _is_open(fd_a)
+    # A read spanning two chunks of one file is one range of its data file (no copy).
+    slot = ctypes.c_void_p()
+    view.read_buf("/m/b.dat", ctypes.pointer(slot), 200, CHUNK - 100, fis["b"])
+    try:
+        vec = bufvec.FuseBufVec.from_address(slot.value)
+        assert vec.count == 1 and vec.buf[0].fd >= 0 and vec.buf[0].size == 200
+        assert bufvec.read_back(slot.value) == files["b"][CHUNK - 100:CHUNK + 100]
+    finally:
+        bufvec.release(slot.value)
     # A worker that served last and then went away (libfuse ends idle threads) holds nothing
-    # once the file is released.
-    assert worker.submit(_read, view, "/m/fd.dat", 100, 0, fi).result() == data[:100]
+    # once the files are released.
+    assert worker.submit(_read, view, "/m/a.dat", 100, 0, fis["a"]).result() == files["a"][:100]
     worker.shutdown()
-    assert _read(view, "/m/fd.dat", 100, 2 * CHUNK, fi) == data[2 * CHUNK:][:100]
-    view.release("/m/fd.dat", fi)
+    for name in files:
+        view.release(f"/m/{name}.dat", fis[name])
     assert _open_fds() == before, "descriptors leaked after the last release"
 
 
@@ -297,7 +327,8 @@ def test_reads_are_exact_when_the_cache_cannot_store_chunks(tmp_path, loop):
         handle = view._handles[fi.fh]
         assert set(handle.uncached) == {0, 1, 2}, "served from memory"
         assert not any(store.has(handle.file.entry, i) for i in range(3))
-        assert [k[1] for k in view._files] == [3], "the last chunk came from its file"
+        assert list(view._files) == [handle.file.entry.key], "the last chunk came from its file"
+        assert 3 in handle.file.entry.known_good
         view.release("/m/full.dat", fi)
     finally:
         view.close()

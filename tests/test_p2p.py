@@ -222,13 +222,13 @@ def test_a_lying_peer_is_banned_and_costs_no_wrong_byte(
     liar, victim = swarm(2)
     publish(liar, f"s3://{bucket}/l/")
     liar.cli("prewarm", "l/", "--wait", "--quiet", check=True)
-    # The liar's disk rots under it: libtorrent serves the chunk files as they are.
-    chunks = sorted(liar.cache_dir.glob("coldbrew-v1/files/*/*/chunks/*"))
-    assert len(chunks) == 8
-    with open(chunks[2], "r+b") as f:
-        f.seek(1000)
+    # The liar's disk rots under it: libtorrent serves its data file as it is.
+    files = sorted(liar.cache_dir.glob("coldbrew-v2/files/*/*/data"))
+    assert len(files) == 1 and files[0].stat().st_size == 8 * CHUNK
+    with open(files[0], "r+b") as f:
+        f.seek(2 * CHUNK + 1000)
         byte = f.read(1)
-        f.seek(1000)
+        f.seek(2 * CHUNK + 1000)
         f.write(bytes([byte[0] ^ 0xFF]))
     victim.cli("prewarm", "l/", "--wait", "--quiet", check=True, timeout=60)
     assert victim.metric("coldbrew_p2p_peers_banned_total") >= 1

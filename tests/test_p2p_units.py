@@ -47,9 +47,9 @@ def test_every_agent_computes_the_info_hash_libtorrent_computes(size: int, uri: 
     assert str(info.info_hashes().v1) == info_hash(m)
     assert info.num_pieces() == m.layout.count and info.piece_length() == CHUNK
     assert [info.hash_for_piece(i).hex() for i in range(info.num_pieces())] == m.sha1s
-    files = info.files()
-    assert [files.file_size(i) for i in range(files.num_files())] == \
-        [m.layout.length(i) for i in range(m.layout.count)]
+    files = info.files()  # one file: the cache entry's data file, the object's bytes as they are
+    assert files.num_files() == 1 and files.file_size(0) == size
+    assert files.file_path(0) == "data"
 
 
 def test_the_same_bytes_under_two_names_are_two_torrents() -> None:
@@ -99,6 +99,12 @@ def test_sidecar_names() -> None:
         sidecar_uri("s3://")
 
 
+def put_at(entry, index: int, data: bytes) -> None:
+    """Write chunk bytes into the entry's data file the way libtorrent does (in place)."""
+    with open(entry.data_path, "r+b") as f:
+        os.pwrite(f.fileno(), data, index * entry.chunk_size)
+
+
 def _store(tmp_path: Path) -> ChunkStore:
     store = ChunkStore(tmp_path, CHUNK, Limits(None, 0), piece_hashes=True)
     store.open()
@@ -112,13 +118,14 @@ def test_store_records_piece_hashes_and_adopts_chunks_written_in_place(tmp_path:
     entry = store.entry(m.identity)
     store.write_chunk(entry, 0, memoryview(data[:CHUNK]))
     assert entry.sha1s[0] == m.sha1s[0]
-    # libtorrent writes chunk 1 into the entry's chunk file itself, then we adopt it.
-    entry.chunk_path(1).write_bytes(data[CHUNK:2 * CHUNK])
+    # libtorrent writes chunk 1 into the entry's data file itself, then we adopt it.
+    put_at(entry, 1, data[CHUNK:2 * CHUNK])
     store.adopt_chunk(entry, 1, m.sha1s[1] or "")
     assert store.read_verified(entry, 1) == data[CHUNK:2 * CHUNK]
-    # A wrong-sized file is refused, never journaled.
-    entry.chunk_path(2).write_bytes(b"short")
-    with pytest.raises(CorruptData, match="expected"):
+    # A chunk its data file is too short to hold is refused, never journaled.
+    with open(entry.data_path, "r+b") as f:
+        f.truncate(2 * CHUNK + 5)
+    with pytest.raises(CorruptData, match="shorter"):
         store.adopt_chunk(entry, 2, m.sha1s[2] or "")
     assert not store.has(entry, 2)
     store.write_chunk(entry, 2, memoryview(data[2 * CHUNK:]))
@@ -138,7 +145,7 @@ def test_eviction_tells_p2p_first(tmp_path: Path) -> None:
     entry = store.entry(FileIdentity("s3://b/x", "e", CHUNK))
     store.write_chunk(entry, 0, memoryview(b"q" * CHUNK))
     seen: list[tuple[str, bool]] = []
-    store.on_change.append(lambda e: seen.append((e.key, e.chunk_path(0).exists())))
+    store.on_change.append(lambda e: seen.append((e.key, e.data_path.exists())))
     store.evict(entry)
     assert seen == [(entry.key, True)]  # called while the files were still there
 
@@ -148,11 +155,11 @@ def test_adopt_refuses_bytes_that_differ_from_the_manifest(tmp_path: Path) -> No
     m = manifest_for(data)
     store = _store(tmp_path)
     entry = store.entry(m.identity)
-    entry.chunk_path(0).write_bytes(data[CHUNK:])  # right size, other bytes
+    put_at(entry, 0, data[CHUNK:])  # right size, other bytes
     with pytest.raises(CorruptData, match="manifest"):
         store.adopt_chunk(entry, 0, m.sha1s[0] or "", m.digests[0])
     assert not store.has(entry, 0)
-    entry.chunk_path(0).write_bytes(data[:CHUNK])
+    put_at(entry, 0, data[:CHUNK])
     assert store.adopt_chunk(entry, 0, m.sha1s[0] or "", m.digests[0]) == m.digests[0]
 
 
@@ -178,17 +185,17 @@ def test_pieces_are_adopted_only_once_libtorrent_has_flushed_them(tmp_path: Path
         t = Torrent(entry, m, handle, time.monotonic())
         swarm._on_piece_finished(t, 1)  # its file is not written yet
         assert handle.flushes == 1 and not store.has(entry, 1)
-        entry.chunk_path(1).write_bytes(data[CHUNK:2 * CHUNK])  # libtorrent writes it
+        put_at(entry, 1, data[CHUNK:2 * CHUNK])  # libtorrent writes it
         swarm._on_piece_finished(t, 2)  # finished while that flush is under way
         assert handle.flushes == 1, "one flush at a time"
         swarm._on_flushed(t)
         assert store.has(entry, 1) and not store.has(entry, 2)
         assert handle.flushes == 2, "the next flush covers piece 2"
-        entry.chunk_path(2).write_bytes(data[2 * CHUNK:])
+        put_at(entry, 2, data[2 * CHUNK:])
         swarm._on_flushed(t)
         assert store.has(entry, 2) and handle.flushes == 2
         # Bytes on disk that differ from the manifest are never taken in.
-        entry.chunk_path(0).write_bytes(data[CHUNK:2 * CHUNK])
+        put_at(entry, 0, data[CHUNK:2 * CHUNK])
         swarm._on_piece_finished(t, 0)
         swarm._on_flushed(t)
         assert not store.has(entry, 0)

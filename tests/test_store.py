@@ -97,18 +97,17 @@ def test_on_disk_layout_is_pinned(make_store, tmp_path):
     store.touch(entry)
 
     key = identity.key()
-    root = tmp_path / "cache" / "coldbrew-v1"
+    root = tmp_path / "cache" / "coldbrew-v2"
     base = root / "files" / key[:2] / key
     assert entry.path == base
     assert sorted(p.name for p in root.iterdir()) == ["LOCK", "files", "tmp"]
     assert list((root / "tmp").iterdir()) == []
-    assert sorted(p.name for p in base.iterdir()) == ["chunks", "journal", "meta.json", "used"]
-    assert sorted(p.name for p in (base / "chunks").iterdir()) == ["00000000", "00000001"]
-    # chunk files are the raw bytes, no header
-    assert (base / "chunks" / "00000000").read_bytes() == first
-    assert (base / "chunks" / "00000001").read_bytes() == second
+    assert sorted(p.name for p in base.iterdir()) == ["data", "journal", "meta.json", "used"]
+    # the data file is the object's raw bytes at their own offsets, no header
+    assert (base / "data").read_bytes() == first + second
+    assert entry.data_path == base / "data"
     assert json.loads((base / "meta.json").read_bytes()) == {
-        "format": 1, "uri": "s3://bucket/llama/model.safetensors", "etag": '"abc123-2"',
+        "format": 2, "uri": "s3://bucket/llama/model.safetensors", "etag": '"abc123-2"',
         "size": CHUNK + 5, "chunk_size": CHUNK}
     journal = (base / "journal").read_bytes()
     assert journal == (b"0 " + digest(first).encode() + b"\n"
@@ -117,12 +116,18 @@ def test_on_disk_layout_is_pinned(make_store, tmp_path):
     assert (base / "used").read_bytes() == b""
 
 
-def test_chunk_names_are_eight_digit_indexes(make_store):
-    store = make_store()
-    entry = store.entry(ident(size=12 * CHUNK))
-    store.write_chunk(entry, 11, memoryview(blob(CHUNK)))
-    assert entry.chunk_path(11).name == "00000011"
-    assert entry.chunk_path(11).exists()
+def test_a_chunk_lands_at_its_offset_in_a_sparse_data_file(make_store):
+    chunk = 64 << 10
+    store = make_store(chunk_size=chunk)
+    entry = store.entry(ident(size=12 * chunk))
+    data = blob(chunk, 3)
+    store.write_chunk(entry, 11, memoryview(data))
+    st = entry.data_path.stat()
+    assert st.st_size == 12 * chunk, "the data file has the object's size from the start"
+    assert st.st_blocks * 512 <= 2 * chunk, "and holds disk blocks only for what was written"
+    with open(entry.data_path, "rb") as f:
+        assert os.pread(f.fileno(), chunk, 11 * chunk) == data
+        assert os.pread(f.fileno(), chunk, 10 * chunk) == bytes(chunk)
 
 
 def test_entry_is_created_once_and_found_by_key(make_store):
@@ -203,48 +208,77 @@ def test_entry_without_used_file_is_oldest(make_store):
 
 def test_temp_files_are_removed_at_open(make_store, tmp_path):
     store = make_store()
-    tmp = tmp_path / "cache" / "coldbrew-v1" / "tmp"
+    tmp = tmp_path / "cache" / "coldbrew-v2" / "tmp"
     (tmp / "abc.0.123.456").write_bytes(b"half a chunk")
     (tmp / "x.meta.json.1").write_bytes(b"{")
     store = reopen(store, make_store)
     assert list(tmp.iterdir()) == []
 
 
-def test_chunk_without_journal_line_is_deleted(make_store):
+def put_at(entry: Entry, offset: int, data: bytes) -> None:
+    """Write into an entry's data file behind the store's back (what a crash can leave)."""
+    with open(entry.data_path, "r+b") as f:
+        os.pwrite(f.fileno(), data, offset)
+
+
+def chunk_bytes(entry: Entry, index: int) -> bytes:
+    start, end = entry.layout.bounds(index)
+    with open(entry.data_path, "rb") as f:
+        return os.pread(f.fileno(), end - start, start)
+
+
+def test_bytes_without_a_journal_line_are_not_present(make_store):
     store = make_store()
     identity = ident(size=4 * CHUNK)
     entry = store.entry(identity)
     store.write_chunk(entry, 0, memoryview(blob(CHUNK)))
-    orphan = entry.chunk_path(2)
-    orphan.write_bytes(blob(CHUNK, 9))  # renamed in, crashed before the journal append
+    put_at(entry, 2 * CHUNK, blob(CHUNK, 9))  # written, crashed before the journal append
     store = reopen(store, make_store)
     again = store.find(identity.key())
     assert again.present == {0}
-    assert not orphan.exists()
     assert store.used_bytes == CHUNK
+    store.write_chunk(again, 2, memoryview(blob(CHUNK, 2)))  # fetched again: overwritten
+    assert chunk_bytes(again, 2) == blob(CHUNK, 2)
 
 
-def test_chunk_with_wrong_size_is_deleted(make_store):
+def test_a_data_file_of_the_wrong_size_loses_its_chunks(make_store):
+    store = make_store()
+    identity = ident()
+    entry, data = fill(store, identity)
+    with open(entry.data_path, "r+b") as f:
+        f.truncate(identity.size - 1)
+    store = reopen(store, make_store)
+    again = store.find(identity.key())
+    assert again.present == set() and store.used_bytes == 0
+    fill(store, identity)  # and it is filled again
+    assert again.complete and again.data_path.read_bytes() == data
+
+
+def test_a_missing_data_file_loses_its_chunks_and_is_made_again(make_store):
+    store = make_store()
+    identity = ident()
+    entry, data = fill(store, identity)
+    entry.data_path.unlink()
+    store = reopen(store, make_store)
+    again = store.find(identity.key())
+    assert again.present == set() and store.used_bytes == 0
+    fill(store, identity)
+    assert again.data_path.read_bytes() == data
+
+
+def test_a_dropped_chunk_stays_dropped_after_restart(make_store):
     store = make_store()
     identity = ident()
     entry, _ = fill(store, identity)
-    with open(entry.chunk_path(1), "r+b") as f:
-        f.truncate(CHUNK - 1)
+    store.drop_chunk(entry, 1)
+    assert chunk_bytes(entry, 1) == bytes(CHUNK), "its bytes are punched out of the data file"
     store = reopen(store, make_store)
     again = store.find(identity.key())
     assert again.present == {0, 2}
-    assert not entry.chunk_path(1).exists()
+    assert set(again.digests) == {0, 1, 2}, "its digest is still known (refetches are checked)"
     assert store.used_bytes == CHUNK + 100
-
-
-def test_chunk_file_with_a_non_numeric_name_is_deleted(make_store):
-    store = make_store()
-    identity = ident()
-    entry, _ = fill(store, identity)
-    stray = entry.path / "chunks" / "notachunk"
-    stray.write_bytes(b"?")
+    store.write_chunk(again, 1, memoryview(blob(identity.size)[CHUNK:2 * CHUNK]))
     store = reopen(store, make_store)
-    assert not stray.exists()
     assert store.find(identity.key()).present == {0, 1, 2}
 
 
@@ -254,14 +288,14 @@ def test_torn_last_journal_line_is_ignored(make_store):
     entry = store.entry(identity)
     store.write_chunk(entry, 0, memoryview(blob(CHUNK)))
     second = blob(CHUNK, 1)
-    entry.chunk_path(1).write_bytes(second)  # the rename happened...
+    put_at(entry, CHUNK, second)  # the write happened...
     with open(entry.path / "journal", "ab") as f:  # ...the journal append was cut short
         f.write(b"1 " + digest(second).encode()[:13])
     store = reopen(store, make_store)
     again = store.find(identity.key())
     assert again.present == {0}
     assert set(again.digests) == {0}
-    assert not entry.chunk_path(1).exists()
+    assert (entry.path / "journal").read_bytes().endswith(b"\n"), "the torn tail is cut off"
 
 
 def test_unreadable_meta_json_drops_the_entry(make_store):
@@ -314,6 +348,10 @@ def test_a_dropped_entry_does_not_hide_good_ones(make_store):
 # --- corruption --------------------------------------------------------------------------------------
 
 
+def flip_chunk_byte(entry: Entry, index: int, at: int = 10) -> None:
+    flip_byte(entry.data_path, entry.layout.bounds(index)[0] + at)
+
+
 def flip_byte(path: Path, at: int = 10) -> None:
     with open(path, "r+b") as f:
         f.seek(at)
@@ -326,11 +364,11 @@ def test_flipped_byte_is_caught_by_read_verified(make_store):
     metrics = AgentMetrics()
     store = make_store(metrics=metrics)
     entry, _ = fill(store, ident())
-    flip_byte(entry.chunk_path(1))
+    flip_chunk_byte(entry, 1)
     with pytest.raises(CorruptData, match="chunk 1 of s3://bucket/model.bin"):
         store.read_verified(entry, 1)
     assert not store.has(entry, 1)
-    assert not entry.chunk_path(1).exists()
+    assert chunk_bytes(entry, 1) == bytes(CHUNK), "punched out"
     assert metrics.value("coldbrew_corrupt_chunks_total", source="cache") == 1
     assert store.used_bytes == CHUNK + 100
     assert store.has(entry, 0) and store.has(entry, 2)
@@ -341,7 +379,7 @@ def test_corrupt_chunk_found_after_restart(make_store):
     store = make_store()
     identity = ident()
     entry, _ = fill(store, identity)
-    flip_byte(entry.chunk_path(0), at=0)  # same size, so it loads as present
+    flip_chunk_byte(entry, 0, at=0)  # the journal still vouches for it, so it loads as present
     store = reopen(store, make_store, metrics=metrics)
     again = store.find(identity.key())
     assert store.has(again, 0)
@@ -356,33 +394,34 @@ def test_verify_present_drops_a_corrupt_chunk(make_store):
     store = make_store(metrics=metrics)
     entry, _ = fill(store, ident())
     assert store.verify_present(entry, 0)
-    flip_byte(entry.chunk_path(0))
+    assert store.verify_present(entry, 1), "a chunk at an offset that is not page-aligned"
+    flip_chunk_byte(entry, 0)
     assert store.verify_present(entry, 0) is False
     assert not store.has(entry, 0)
-    assert not entry.chunk_path(0).exists()
+    assert chunk_bytes(entry, 0) == bytes(CHUNK)
     assert metrics.value("coldbrew_corrupt_chunks_total", source="cache") == 1
 
 
-def test_verify_present_counts_a_wrong_size_chunk_as_corrupt(make_store):
+def test_verify_present_counts_a_chunk_cut_off_the_data_file_as_corrupt(make_store):
     metrics = AgentMetrics()
     store = make_store(metrics=metrics)
     entry, _ = fill(store, ident())
-    with open(entry.chunk_path(2), "ab") as f:
-        f.write(b"extra")
+    with open(entry.data_path, "r+b") as f:
+        f.truncate(2 * CHUNK + 50)
     assert store.verify_present(entry, 2) is False
     assert not store.has(entry, 2)
     assert metrics.value("coldbrew_corrupt_chunks_total", source="cache") == 1
 
 
-def test_missing_chunk_file_is_a_cache_error_not_corruption(make_store):
+def test_missing_data_file_is_a_cache_error_not_corruption(make_store):
     metrics = AgentMetrics()
     store = make_store(metrics=metrics)
     entry, _ = fill(store, ident())
-    entry.chunk_path(0).unlink()
+    entry.data_path.unlink()
     assert store.verify_present(entry, 0) is False
     assert not store.has(entry, 0)
     entry2, _ = fill(store, ident(name="b.bin"))
-    entry2.chunk_path(1).unlink()
+    entry2.data_path.unlink()
     with pytest.raises(CacheError):
         store.read_verified(entry2, 1)
     assert not store.has(entry2, 1)
@@ -408,7 +447,9 @@ def test_known_digest_is_enforced_after_a_drop(make_store):
     assert not store.has(entry, 0)
     store.write_chunk(entry, 0, memoryview(data[:CHUNK]))  # the right bytes are welcome back
     assert store.read_verified(entry, 0) == data[:CHUNK]
-    assert (entry.path / "journal").read_bytes() == journal  # no duplicate journal line
+    # the journal says it went and came back (the last line per chunk wins at restart)
+    assert (entry.path / "journal").read_bytes() == (
+        journal + b"0 -\n" + b"0 " + digest(data[:CHUNK]).encode() + b"\n")
 
 
 # --- the lock ------------------------------------------------------------------------------------------
@@ -509,7 +550,7 @@ def test_cache_full_when_only_pinned_files_remain(make_store):
     with pytest.raises(CacheFull, match="is full"):
         store.write_chunk(third, 0, memoryview(blob(CHUNK)))
     assert not store.has(third, 0)
-    assert not third.chunk_path(0).exists()
+    assert third.data_path.read_bytes() == bytes(third.identity.size), "nothing was written"
     assert a.complete and b.complete and store.used_bytes == 4 * CHUNK
     assert metrics.value("coldbrew_cache_write_errors_total", reason="full") == 1
     assert list((store.root / "tmp").iterdir()) == []
@@ -537,10 +578,10 @@ def test_concurrent_writers_never_overshoot_the_limit(make_store, monkeypatch):
     store = make_store(limits=Limits(size_bytes=4 * CHUNK, reserve_bytes=0))
     entry = store.entry(ident(size=8 * CHUNK))
     asked = threading.Barrier(8, timeout=10)
-    real_write = store._write_file
+    real_write = store._pwrite
 
-    def held_write(path, data):
-        real_write(path, data)
+    def held_write(entry, offset, data):
+        real_write(entry, offset, data)
         asked.wait()  # every writer has been granted room, or refused, by now
 
     real_make_room = store._make_room
@@ -552,7 +593,7 @@ def test_concurrent_writers_never_overshoot_the_limit(make_store, monkeypatch):
             asked.wait()
             raise
 
-    monkeypatch.setattr(store, "_write_file", held_write)
+    monkeypatch.setattr(store, "_pwrite", held_write)
     monkeypatch.setattr(store, "_make_room", make_room)
     outcomes: list[str] = []
 
