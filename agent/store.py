@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import json
 import logging
 import mmap
@@ -120,8 +121,11 @@ def _note_own_write(entry: "Entry", st: os.stat_result) -> None:
     entry.data_mtime_ns = max(entry.data_mtime_ns, st.st_mtime_ns)
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int]:
+    fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    return fallocate
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
@@ -130,9 +134,7 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     False where the filesystem cannot (the bytes then stay until the chunk is rewritten
     or the entry evicted: only space is lost, the journal already says they are gone).
     """
-    fallocate = _libc().fallocate
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    return fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, offset, length) == 0
+    return _fallocate()(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, offset, length) == 0
 
 
 @dataclass
@@ -429,6 +431,7 @@ class ChunkStore:
         with self._lock:
             self._notify(entry)
             entry.known_good.discard(index)
+            entry.stamps.pop(index, None)  # a check of the old bytes must not vouch for new ones
             if index in entry.present:
                 entry.present.discard(index)
                 self._used -= entry.layout.length(index)

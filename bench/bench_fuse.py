@@ -306,7 +306,7 @@ class Bench:
         print("mode: " + self.mode_text())
         print()
         labels = {
-            "direct": "(1) direct read of the cache files (warm)",
+            "direct": "(1) direct read of the cache's data file (warm)",
             "direct_small_folios": "[info] same bytes, 4 KiB page-cache folios",
             "fuse_cached": "(2) FUSE, first read of a fully cached file",
             "fuse_again": "(3) FUSE, repeated read (new open)",
@@ -330,7 +330,7 @@ class Bench:
                   f"(bar >= {b['bar']})")
         print(f"  info  (4) vs (5) by the prewarm CLI's wall time: {C.fmt(rep['cold_vs_prewarm_cli'], '.2f')}")
         print(f"  info  (3) vs the same bytes cached in 4 KiB folios: {C.fmt(rep['again_vs_small_folios'], '.2f')} "
-              "(a FUSE file's page cache is 4 KiB folios; the cache files' are large folios)")
+              "(without passthrough a FUSE file's page cache is 4 KiB folios; the data file's are large)")
         print()
         print("CPU seconds (median over runs; 2 cores = 2 s per wall second):")
         for key, label in (("cpu_fuse_cached", "(2) FUSE cached"), ("cpu_fuse_cold", "(4) FUSE cold"),
@@ -363,7 +363,7 @@ class Bench:
     def mode_text(self) -> str:
         parts = ["prefault (right before every clock a scratch file as big as the page cache the "
                  "reading fills is written and deleted: the model's size; twice that for (4), which "
-                 "fills the cache files and the mount's pages)" if self.args.prefault else "no prefault"]
+                 "fills the data file and the mount's pages)" if self.args.prefault else "no prefault"]
         parts.append("page cache dropped before each cold reading, then the S3 server's data re-read"
                      if self.drop else "page cache not dropped (sync only)")
         parts.append("a fresh agent (empty cache, fresh mount) for each of (4) and (5); (1)-(3) on (5)'s "

@@ -558,11 +558,13 @@ class View:
             self.store.drop_chunk(entry, index)
             return None
         key, stamp = (entry.key, index), entry.stamps.get(index)
-        if index in entry.known_good or (stamp is not None and self._checked.get(key) == stamp):
+        if stamp is None:
+            return None  # dropped meanwhile: the caller fetches it again
+        if index in entry.known_good or self._checked.get(key) == stamp:
             return data
         # Kernel read-ahead asks for several pieces of one chunk at once: check it once.
         with self._stripes[hash(key) % len(self._stripes)]:
-            if stamp is None or self._checked.get(key) != stamp:
+            if self._checked.get(key) != stamp:
                 if not self._check(data, entry, index):
                     self.store.report_corrupt(entry, index)
                     return None

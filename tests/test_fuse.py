@@ -214,6 +214,15 @@ def test_a_wholly_cached_file_is_passed_through_to_the_kernel(bucket, s3_client,
     assert agent.metric("coldbrew_fuse_read_bytes_total") == before
 
 
+def test_with_passthrough_off_cached_files_are_read_through_the_agent(bucket, s3_client, make_agent, mnt):
+    data = put_random(s3_client, bucket, "m/off.dat", 2 * MiB + 9, 24)
+    agent = _mounted(make_agent, bucket, mnt, extra=["--fuse-passthrough", "false"])
+    agent.cli("prewarm", f"s3://{bucket}/m/off.dat", "--wait", "--quiet", check=True)
+    assert (mnt / "m/off.dat").read_bytes() == data
+    assert _opens(agent, "cached") == 1 and _opens(agent, "passthrough") == 0
+    assert agent.metric("coldbrew_fuse_read_bytes_total") == len(data)
+
+
 @needs_passthrough
 def test_passthrough_waits_until_the_file_is_whole_and_no_cached_open_remains(
         bucket, s3_client, make_agent, mnt):

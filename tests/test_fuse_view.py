@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import itertools
 import os
 import stat
 import threading
@@ -212,9 +213,7 @@ def test_reads_are_exact_pinned_and_verified(world):
         f.seek(CHUNK + 5)
         f.write(bytes([b[0] ^ 0xFF]))
     view.release("/m/w.dat", fi)
-    deadline = time.monotonic() + 5  # the read-ahead the reads above started holds it meanwhile
-    while world.store.pinned(handle.file.entry) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _settle(world.store, handle.file.entry)
     assert not world.store.pinned(handle.file.entry)
     fi = _fi()
     view.open("/m/w.dat", fi)
@@ -231,6 +230,14 @@ def test_reads_are_exact_pinned_and_verified(world):
     assert view._checked == checked and (entry.key, 0) in checked, "chunk 0 was hashed once"
     assert 1 in entry.known_good, "chunk 1 was written by the store from checked bytes"
     view.release("/m/w.dat", fi)
+    _settle(world.store, entry)
+
+
+def _settle(store, entry) -> None:
+    """Wait for the read-ahead that sequential reads start (it pins the file) to end."""
+    deadline = time.monotonic() + 5
+    while store.pinned(entry) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _open_fds() -> set[int]:
@@ -376,6 +383,84 @@ def test_page_cache_flags_follow_the_etag(world):
     clean = opened()
     assert (clean.keep_cache, clean.direct_io) == (0, 0), "after a mix: drop the kernel's pages once"
     assert (opened().keep_cache, opened().direct_io) == (1, 0)
+
+
+class KernelRules:
+    """Stands in for the kernel's side of passthrough (the real one is in test_fuse.py): hands
+    out backing ids and enforces its rules per inode — an inode passed through takes only
+    passthrough opens of the same backing file (or direct_io opens), and no passthrough
+    open while it is open with the page cache."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.ids = itertools.count(1)
+        self.files: dict[int, int] = {}  # backing id -> inode of the file registered
+        self.closed: list[int] = []
+        self.inode: dict[str, tuple[str, object]] = {}  # path -> ("passthrough", id) / ("cached", n)
+
+    def register(self, fd: int) -> int:
+        backing_id = next(self.ids)
+        self.files[backing_id] = os.fstat(fd).st_ino
+        return backing_id
+
+    def unregister(self, backing_id: int) -> None:
+        self.closed.append(backing_id)
+
+    def answer(self, fi, backing_id: int) -> None:
+        fi.keep_cache = fi.direct_io = 0
+        fi.backing_id = backing_id
+
+    def opened(self, path: str, fi) -> str:
+        """What the kernel would do with the view's answer; AssertionError where it refuses."""
+        if getattr(fi, "backing_id", 0):
+            mode, held = self.inode.get(path, ("passthrough", fi.backing_id))
+            assert mode == "passthrough" and held == fi.backing_id, "EBUSY/ETXTBSY: refused"
+            self.inode[path] = ("passthrough", fi.backing_id)
+            return "passthrough"
+        if fi.direct_io:
+            return "direct"
+        assert self.inode.get(path, ("cached",))[0] == "cached", "ETXTBSY: inode passed through"
+        self.inode[path] = ("cached", 0)
+        return "cached"
+
+
+def test_passthrough_obeys_the_kernels_rules_per_inode(world):
+    kernel = KernelRules()
+    view = world.view
+    view.passthrough = kernel  # type: ignore[assignment]
+    data = os.urandom(2 * CHUNK + 5)
+    world.origin.put("m/p.dat", data, etag="e1")
+
+    def opened():
+        fi = _fi()
+        view.open("/m/p.dat", fi)
+        return fi, kernel.opened("m/p.dat", fi)
+
+    cold, mode = opened()
+    assert mode == "cached", "not cached yet: read through the agent"
+    assert _read(view, "/m/p.dat", len(data), 0, cold) == data
+    second, mode = opened()
+    assert mode == "cached", "whole now, but an open with the page cache remains"
+    view.release("/m/p.dat", cold)
+    view.release("/m/p.dat", second)
+    kernel.inode.clear()  # the kernel leaves cached mode when the last such file closes
+    first, mode = opened()
+    assert mode == "passthrough" and first.backing_id == 1
+    entry = view._handles[first.fh].file.entry
+    assert kernel.files[1] == entry.data_path.stat().st_ino, "the cache's data file is the backing file"
+    again, mode = opened()
+    assert mode == "passthrough" and again.backing_id == 1, "one backing file per inode"
+    world.origin.put("m/p.dat", os.urandom(3 * CHUNK), etag="e2")
+    view.forget("m/p.dat")
+    newer, mode = opened()
+    assert mode == "direct", "another version, while the inode is passed through"
+    assert _read(view, "/m/p.dat", 10, 0, newer) == world.origin.objects["m/p.dat"][:10]
+    for fi in (first, again):
+        view.release("/m/p.dat", fi)
+    assert kernel.closed == [1], "the id goes when its last open does"
+    view.release("/m/p.dat", newer)
+    assert world.metrics.value("coldbrew_fuse_opens_total", mode="passthrough") == 2
 
 
 def test_a_stalled_origin_is_eio_after_the_deadline(world):
