@@ -263,12 +263,26 @@ class ChunkStore:
         return count
 
     def _remove_old_layouts(self) -> None:
+        import fcntl
+
         for name in _OLD_LAYOUTS:
             old = self.root.parent / name
-            if old.is_dir() and not old.is_symlink():
+            if not old.is_dir() or old.is_symlink():
+                continue
+            try:  # an agent of that release still running on this directory keeps its files
+                fd = os.open(old / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 log.warning("removing a cache of an earlier layout (it is refetched as needed)",
                             extra={"dir": str(old)})
                 shutil.rmtree(old, ignore_errors=True)
+            except BlockingIOError:
+                log.warning("a cache of an earlier layout is in use by another agent; left alone",
+                            extra={"dir": str(old)})
+            finally:
+                os.close(fd)
 
     def _load_entry(self, path: Path) -> None:
         try:

@@ -206,6 +206,15 @@ def test_entry_without_used_file_is_oldest(make_store):
 # --- crash leftovers, built on disk -----------------------------------------------------------------
 
 
+def test_a_cache_of_the_earlier_layout_is_removed_at_open(make_store, tmp_path):
+    old = tmp_path / "cache" / "coldbrew-v1" / "files" / "ab" / "abc" / "chunks"
+    old.mkdir(parents=True)
+    (old / "00000000").write_bytes(b"x" * CHUNK)
+    store = make_store()
+    assert not (tmp_path / "cache" / "coldbrew-v1").exists()
+    assert store.entries() == [] and store.used_bytes == 0
+
+
 def test_temp_files_are_removed_at_open(make_store, tmp_path):
     store = make_store()
     tmp = tmp_path / "cache" / "coldbrew-v2" / "tmp"
