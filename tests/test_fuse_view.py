@@ -463,6 +463,38 @@ def test_passthrough_obeys_the_kernels_rules_per_inode(world):
     assert world.metrics.value("coldbrew_fuse_opens_total", mode="passthrough") == 2
 
 
+def test_a_refused_backing_file_turns_passthrough_off_and_the_open_still_works(world):
+    """Without CAP_SYS_ADMIN the kernel refuses to register a backing file: that open, and
+    every later one, reads through the agent."""
+    from coldbrew.fuse.passthrough import Passthrough
+
+    class Refusing(Passthrough):
+        def __init__(self) -> None:  # no libfuse session here: the ioctl itself is refused
+            self.enabled = True
+            self.asked = 0
+
+        def _fd(self) -> int:
+            self.asked += 1
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    refusing = Refusing()
+    view = world.view
+    view.passthrough = refusing
+    data = os.urandom(CHUNK + 3)
+    world.origin.put("m/r.dat", data)
+    fi = _fi()
+    view.open("/m/r.dat", fi)
+    assert _read(view, "/m/r.dat", len(data), 0, fi) == data
+    view.release("/m/r.dat", fi)
+    for _ in range(2):  # whole now: passthrough is tried once, refused, and not tried again
+        fi = _fi()
+        view.open("/m/r.dat", fi)
+        assert _read(view, "/m/r.dat", 10, 0, fi) == data[:10]
+        view.release("/m/r.dat", fi)
+    assert refusing.asked == 1 and not refusing.enabled
+    assert world.metrics.value("coldbrew_fuse_opens_total", mode="cached") == 3
+
+
 def test_a_stalled_origin_is_eio_after_the_deadline(world):
     world.origin.put("m/slow.dat", b"z" * CHUNK)
 

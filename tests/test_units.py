@@ -23,8 +23,10 @@ from coldbrew.agent.manifest import (
     FileIdentity,
     Manifest,
     digest,
+    drop_line,
     journal_line,
     parse_journal,
+    replay_journal,
 )
 from coldbrew.agent.retry import RetryPolicy, with_retries
 
@@ -240,6 +242,20 @@ def test_parse_journal_ignores_a_torn_last_line():
 ])
 def test_parse_journal_ignores_garbage_lines(garbage):
     assert parse_journal([garbage, journal_line(0, D0)], 3) == {0: D0}
+
+
+def test_replay_journal_the_last_line_per_chunk_wins():
+    lines = [journal_line(0, D0), journal_line(1, D1), drop_line(1), journal_line(2, D2),
+             drop_line(2), journal_line(2, D2), drop_line(0)]
+    digests, present = replay_journal(lines, 3)
+    assert present == {2}
+    assert digests == {0: D0, 1: D1, 2: D2}, "a dropped chunk's digest is still known"
+
+
+@pytest.mark.parametrize("garbage", [b"1 -\n"[:2], b"- 1\n", b"1 --\n", b"9 -\n", b"1 " + b"a" * 31 + b"\n"])
+def test_replay_journal_ignores_what_does_not_parse(garbage):
+    digests, present = replay_journal([journal_line(1, D1), garbage], 3)
+    assert (digests, present) == ({1: D1}, {1})
 
 
 def test_parse_journal_ignores_out_of_range_indexes():
