@@ -89,6 +89,14 @@ def loop():
     t = threading.Thread(target=lp.run_forever, daemon=True)
     t.start()
     yield lp
+
+    async def drain() -> None:  # read-ahead a test started must not outlive its loop
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run_coroutine_threadsafe(drain(), lp).result(5)
     lp.call_soon_threadsafe(lp.stop)
     t.join(5)
     lp.close()
