@@ -15,20 +15,16 @@ Bytes. A cached file's data file (the store keeps each file's bytes at their own
 offsets) is opened once and kept open; a read is answered with ``read_buf``: the
 descriptor and offset go to libfuse, which moves the bytes into the kernel itself
 (spliced, where the kernel allows), so no Python code copies a cached byte. Each chunk
-is checked against its digest before it is first served, and the check is remembered
-until its bytes land again (the store's per-chunk stamp) or someone other than the
-store writes the data file (its mtime, looked at on every open): a chunk that fails is
-dropped (counted as corrupt) and fetched again. Chunks the cache could not store (disk
-full or failing) come back from the fetcher as bytes and are kept per open file, a few
-at a time.
+is checked against its digest before it is first served (:mod:`.datafiles`: when, and
+how long a check holds); a chunk that fails is dropped (counted as corrupt) and fetched
+again. Chunks the cache could not store (disk full or failing) come back from the
+fetcher as bytes and are kept per open file, a few at a time.
 
 Passthrough. A file that is wholly cached, every chunk checked, is opened in passthrough
 mode where the kernel and libfuse allow it (:mod:`.passthrough`): the kernel then reads
-the data file itself, at its speed, and none of those reads reach this module. A chunk
-is known good when the store wrote it from bytes that matched the digest (or hashed it
-in place) and nobody else has written the data file since; otherwise it is hashed at
-open. Other opens of a path passed through use ``direct_io`` (the kernel's rule: one
-backing file per inode, never beside its page cache).
+the data file itself, at its speed, and none of those reads reach this module. Chunks
+not known good are hashed at that open. Other opens of a path passed through use
+``direct_io`` (the kernel's rule: one backing file per inode, never beside its page cache).
 
 Page cache. An open file is pinned to one ETag (``Fetcher.open``), so its bytes never
 change: the kernel may keep them across opens (``keep_cache``), and a second read runs
@@ -67,8 +63,9 @@ import xxhash
 from ..agent.errors import ColdbrewError, ObjectChanged, RequestTimeout, errno_for
 from ..agent.fetcher import Fetcher, OpenFile, Priority
 from ..agent.origin import ObjectInfo
-from ..agent.store import Entry, digest_fd
+from ..agent.store import Entry
 from . import bufvec
+from .datafiles import DataFile, DataFiles
 from .metrics import FuseMetrics
 from .passthrough import Passthrough
 
@@ -76,8 +73,6 @@ log = logging.getLogger("coldbrew.fuse")
 
 T = TypeVar("T")
 
-#: Data files kept open across reads (one descriptor per cached file).
-_FDS_KEPT = 256
 #: Chunks the cache could not store, kept per open file (bytes in memory).
 _UNCACHED_KEPT = 4
 
@@ -122,16 +117,6 @@ class _Backing:
     backing_id: int
     fd: int  # ours, closed with the id
     opens: int = 0
-
-
-@dataclass(eq=False)
-class _DataFile:
-    """A cache entry's data file, held open to serve reads from."""
-
-    key: str  # the entry's key
-    ino: int
-    fd: int
-    closed: bool = False
 
 
 @dataclass
@@ -212,14 +197,7 @@ class View:
         self._fh = itertools.count(1)
         self._open_per_entry: dict[str, int] = {}
         self._pages: dict[str, _PageState] = {}
-        self._files: OrderedDict[str, _DataFile] = OrderedDict()
-        self._served: dict[int, tuple[int, ...]] = {}  # thread -> descriptors of its last reply
-        self._retired: list[_DataFile] = []  # dropped from _files, closed once no reply uses them
-        #: (entry key, chunk) -> the store's stamp of the bytes checked against the digest.
-        self._checked: dict[tuple[str, int], int] = {}
-        #: entry key -> (inode, mtime) of its data file when an open last looked.
-        self._seen: dict[str, tuple[int, int]] = {}
-        self._stripes = [threading.Lock() for _ in range(64)]
+        self.files = DataFiles(self.store)
         self.on_init: Callable[[Any, Any], None] | None = None
         #: Set by the mount when the kernel and libfuse can pass files through.
         self.passthrough: Passthrough | None = None
@@ -372,8 +350,8 @@ class View:
                           node.mtime_ns / 1e9 if node.mtime_ns is not None else None)
         f = self._call("open", self._open(info, self._wants_prefetch(rel)))
         try:
-            self._notice_outside_writes(f.entry)
-            whole = self._whole_and_checked(f.entry)
+            self.files.notice_outside_writes(f.entry)
+            whole = self._may_pass_through(f.entry)
         except BaseException:
             self.store.unpin(f.entry)
             raise
@@ -435,13 +413,9 @@ class View:
             self.passthrough.unregister(backing.backing_id)
         os.close(backing.fd)
 
-    def _whole_and_checked(self, entry: Entry) -> bool:
-        """True if passthrough may serve ``entry``: every chunk present and known good (the
-        ones not known good are hashed now; a bad one is dropped, and the read path fetches it)."""
-        if self.passthrough is None or not self.passthrough.enabled or not entry.complete:
-            return False
-        return all(self._checked_file(entry, index) is not None
-                   for index in range(entry.layout.count))
+    def _may_pass_through(self, entry: Entry) -> bool:
+        pt = self.passthrough
+        return pt is not None and pt.enabled and self.files.whole_and_checked(entry)
 
     @_op("release")
     def release(self, path: str | None, fi: Any) -> int:
@@ -455,7 +429,7 @@ class View:
                 self._open_per_entry[key] = left
             else:
                 self._open_per_entry.pop(key, None)
-                self._close_entry(key)
+                self.files.close_entry(key)
             page = self._pages.get(handle.rel)
             if page is not None:
                 etag = handle.file.info.etag
@@ -498,20 +472,15 @@ class View:
         first, last = offset // layout.chunk_size, (end - 1) // layout.chunk_size
         for _ in range(8):
             sources = [self._chunk(handle, index) for index in range(first, last + 1)]
-            with self._lock:
-                if any(isinstance(s, _DataFile) and s.closed for s in sources):
-                    continue  # closed between lookup and here (rare): look again
-                self._served[threading.get_ident()] = tuple(
-                    {s.fd for s in sources if isinstance(s, _DataFile)})
-                self._close_retired()
-            break
+            if self.files.hold(s for s in sources if isinstance(s, DataFile)):
+                break  # else one was closed between lookup and here (rare): look again
         else:
             raise OSError(errno.EIO, f"{handle.file.info.uri}: its data file kept changing under the read")
         pieces: list[bufvec.FilePiece | bytearray] = []
         for index, source in zip(range(first, last + 1), sources):
             start = index * layout.chunk_size
             lo, hi = max(offset, start), min(end, start + layout.length(index))
-            if not isinstance(source, _DataFile):
+            if not isinstance(source, DataFile):
                 pieces.append(source if (lo, hi) == (start, start + len(source))
                               else source[lo - start:hi - start])
             elif pieces and isinstance(pieces[-1], tuple) and pieces[-1][0] == source.fd:
@@ -521,7 +490,7 @@ class View:
                 pieces.append((source.fd, lo, hi - lo))
         return pieces
 
-    def _chunk(self, handle: _Handle, index: int) -> _DataFile | bytearray:
+    def _chunk(self, handle: _Handle, index: int) -> DataFile | bytearray:
         """Chunk ``index``: the data file it was checked in, or the bytes when the cache could
         not store them."""
         kept = handle.uncached.get(index)
@@ -545,121 +514,10 @@ class View:
                     while len(handle.uncached) > _UNCACHED_KEPT:
                         handle.uncached.popitem(last=False)
                     return kept
-            found = self._checked_file(f.entry, index)
+            found = self.files.checked(f.entry, index)
             if found is not None:
                 return found
         raise OSError(errno.EIO, f"chunk {index} of {f.info.uri} kept failing its digest check")
-
-    def _checked_file(self, entry: Entry, index: int) -> _DataFile | None:
-        """The data file, with chunk ``index`` in it checked; None if the file is gone or the
-        chunk corrupt (then dropped)."""
-        data = self._data_file(entry)
-        if data is None:
-            self.store.drop_chunk(entry, index)
-            return None
-        key, stamp = (entry.key, index), entry.stamps.get(index)
-        if stamp is None:
-            return None  # dropped meanwhile: the caller fetches it again
-        if index in entry.known_good or self._checked.get(key) == stamp:
-            return data
-        # Kernel read-ahead asks for several pieces of one chunk at once: check it once.
-        with self._stripes[hash(key) % len(self._stripes)]:
-            if self._checked.get(key) != stamp:
-                if not self._check(data, entry, index):
-                    self.store.report_corrupt(entry, index)
-                    return None
-                self._checked[key] = stamp
-        return data
-
-    @staticmethod
-    def _check(data: _DataFile, entry: Entry, index: int) -> bool:
-        start, end = entry.layout.bounds(index)
-        if os.fstat(data.fd).st_size < end:
-            return False
-        return digest_fd(data.fd, end - start, start) == entry.digests.get(index)
-
-    def _data_file(self, entry: Entry) -> _DataFile | None:
-        """The entry's data file, open (kept across reads); None if it is not on disk."""
-        found = self._files.get(entry.key)
-        if found is not None and not found.closed:
-            return found
-        with self._stripes[hash(entry.key) % len(self._stripes)]:
-            found = self._files.get(entry.key)
-            if found is not None and not found.closed:
-                return found
-            try:
-                fd = os.open(entry.data_path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                return None
-            data = _DataFile(entry.key, os.fstat(fd).st_ino, fd)
-            with self._lock:
-                old = self._files.pop(entry.key, None)
-                if old is not None:
-                    self._retire(old)
-                self._files[entry.key] = data
-                while len(self._files) > _FDS_KEPT:
-                    self._retire(self._files.popitem(last=False)[1])
-        return data
-
-    def _notice_outside_writes(self, entry: Entry) -> None:
-        """At open: if someone other than the store wrote the data file (since the last open,
-        or since the store's last write), its chunks are checked again before they are served
-        (and the file is reopened if it was replaced)."""
-        try:
-            st = os.stat(entry.data_path)
-        except OSError:
-            return
-        now = (st.st_ino, st.st_mtime_ns)
-        with self._lock:
-            seen = self._seen.get(entry.key)
-            self._seen[entry.key] = now
-            if seen == now:
-                return
-            if st.st_mtime_ns != entry.data_mtime_ns:  # not the store's last write
-                self.store.distrust(entry)
-                for key in [k for k in self._checked if k[0] == entry.key]:
-                    del self._checked[key]
-            held = self._files.get(entry.key)
-            if held is not None and held.ino != st.st_ino:
-                self._retire(self._files.pop(entry.key))
-
-    # Descriptor lifetime. libfuse reads a reply's bytes from our descriptors after read_buf
-    # returns, on the same thread, before that thread takes its next request. So a
-    # descriptor dropped from ``_files`` is closed only once no thread's last reply used it.
-    # (All under ``_lock``.)
-
-    def _retire(self, data: _DataFile) -> None:
-        self._retired.append(data)
-        self._close_retired()
-
-    def _close_retired(self) -> None:
-        if not self._retired:
-            return
-        busy = {fd for fds in self._served.values() for fd in fds}
-        keep = []
-        for data in self._retired:
-            if data.fd in busy:
-                keep.append(data)
-            else:
-                data.closed = True
-                os.close(data.fd)
-        self._retired = keep
-
-    def _close_entry(self, key: str) -> None:
-        """Close every descriptor of an entry no handle has open: the kernel sends RELEASE only
-        after its last read of the file, so none of them is in use (also those a thread that
-        has since exited served last)."""
-        closing = [self._files.pop(key)] if key in self._files else []
-        closing += [m for m in self._retired if m.key == key]
-        if not closing:
-            return
-        self._retired = [m for m in self._retired if m.key != key]
-        fds = {m.fd for m in closing}
-        for data in closing:
-            data.closed = True
-            os.close(data.fd)
-        for tid in [t for t, served in self._served.items() if fds.intersection(served)]:
-            del self._served[tid]
 
     # --- read-only: every change is refused ------------------------------------------------------
 
@@ -681,16 +539,11 @@ class View:
             handles = list(self._handles.values())
             self._handles.clear()
             self._open_per_entry.clear()
-            for data in [*self._files.values(), *self._retired]:
-                data.closed = True
-                os.close(data.fd)
             for page in self._pages.values():
                 if page.backing is not None:
                     self._unregister(page.backing)
                     page.backing = None
-            self._files.clear()
-            self._retired.clear()
-            self._served.clear()
+        self.files.close()
         for handle in handles:
             self.store.unpin(handle.file.entry)
             self.metrics.open_files.dec()

@@ -233,9 +233,9 @@ def test_reads_are_exact_pinned_and_verified(world):
     view.release("/m/w.dat", fi)
     fi = _fi()
     view.open("/m/w.dat", fi)
-    checked = dict(view._checked)
+    checked = dict(view.files._checked)
     assert _read(view, "/m/w.dat", 2 * CHUNK, 0, fi) == data[:2 * CHUNK]
-    assert view._checked == checked and (entry.key, 0) in checked, "chunk 0 was hashed once"
+    assert view.files._checked == checked and (entry.key, 0) in checked, "chunk 0 was hashed once"
     assert 1 in entry.known_good, "chunk 1 was written by the store from checked bytes"
     view.release("/m/w.dat", fi)
     _settle(world.store, entry)
@@ -264,9 +264,9 @@ def test_reads_hand_libfuse_descriptors_that_stay_open_while_it_may_use_them(wor
     """read_buf answers with (fd, offset): libfuse reads the bytes after we return, so a
     descriptor dropped from the view's table meanwhile is closed only after the thread that
     served it moves on, and a file's descriptor is closed when its last handle is released."""
-    import coldbrew.fuse.view as view_module
+    import coldbrew.fuse.datafiles as datafiles_module
 
-    monkeypatch.setattr(view_module, "_FDS_KEPT", 2)
+    monkeypatch.setattr(datafiles_module, "_FDS_KEPT", 2)
     files = {name: os.urandom(2 * CHUNK) for name in ("a", "b", "c")}
     for name, data in files.items():
         world.origin.put(f"m/{name}.dat", data)
@@ -291,7 +291,7 @@ def test_reads_hand_libfuse_descriptors_that_stay_open_while_it_may_use_them(wor
     for name in ("b", "c"):
         assert _read(view, f"/m/{name}.dat", 100, CHUNK, fis[name]) == files[name][CHUNK:CHUNK + 100]
     a_key = view._handles[fis["a"].fh].file.entry.key
-    assert a_key not in view._files, "a.dat was dropped from the table"
+    assert a_key not in view.files._files, "a.dat was dropped from the table"
     a_data = view._handles[fis["a"].fh].file.entry.data_path
     assert _is_open(fd_a) and os.fstat(fd_a).st_ino == a_data.stat().st_ino, \
         "closed while libfuse could still be reading from it"
@@ -342,7 +342,7 @@ def test_reads_are_exact_when_the_cache_cannot_store_chunks(tmp_path, loop):
         handle = view._handles[fi.fh]
         assert set(handle.uncached) == {0, 1, 2}, "served from memory"
         assert not any(store.has(handle.file.entry, i) for i in range(3))
-        assert list(view._files) == [handle.file.entry.key], "the last chunk came from its file"
+        assert list(view.files._files) == [handle.file.entry.key], "the last chunk came from its file"
         assert 3 in handle.file.entry.known_good
         view.release("/m/full.dat", fi)
     finally:
