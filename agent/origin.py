@@ -84,12 +84,15 @@ def _aiohttp_errors(*names: str) -> tuple[type[BaseException], ...]:
 
 def _is_short_body(exc: BaseException) -> bool:
     """The server promised more bytes than it sent (connection cut mid-body)."""
+    import http.client
+
     import botocore.exceptions as bex
 
     import urllib3.exceptions as u3
 
     short = (*_aiohttp_errors("ClientPayloadError"), bex.IncompleteReadError,
-             bex.ResponseStreamingError, u3.ProtocolError, u3.IncompleteRead)
+             bex.ResponseStreamingError, u3.ProtocolError, u3.IncompleteRead,
+             http.client.IncompleteRead)
     while exc is not None:
         if isinstance(exc, short):
             return True
@@ -98,12 +101,14 @@ def _is_short_body(exc: BaseException) -> bool:
 
 
 def _is_network_error(exc: BaseException) -> bool:
+    import http.client
+
     import botocore.exceptions as bex
 
     import urllib3.exceptions as u3
 
     network = (ConnectionError, TimeoutError, asyncio.TimeoutError, *_aiohttp_errors("ClientError"),
-               u3.HTTPError,
+               u3.HTTPError, http.client.HTTPException,
                bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ReadTimeoutError,
                bex.ConnectTimeoutError, bex.ResponseStreamingError, bex.IncompleteReadError,
                bex.HTTPClientError)
