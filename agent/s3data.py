@@ -52,10 +52,11 @@ class S3RangeReader:
         try:
             filled = _fill(raw, buf)
         finally:
-            if filled == len(buf):
-                raw.release_conn()  # whole body read: the connection goes back to the pool
+            fp = getattr(raw, "_fp", None)
+            if filled == len(buf) and fp is not None and fp.isclosed():
+                raw.release_conn()  # the whole body and nothing more: back to the pool
             else:
-                resp["Body"].close()  # cut short or failed: never reuse that connection
+                resp["Body"].close()  # cut short, failed or more to come: never reuse it
         return filled, resp.get("ETag", etag)
 
     def head(self, bucket: str, key: str) -> dict[str, Any]:

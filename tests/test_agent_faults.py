@@ -192,3 +192,35 @@ def test_object_replaced_between_reads_is_never_mixed(bucket, s3_client, make_ag
     assert _read(agent.client, None, 0, 1 * MiB, lease=window["lease"]) == v3[:1 * MiB]
     with pytest.raises(ObjectChanged, match="changed at the origin"):
         _read(agent.client, None, 0, 2 * MiB + 77, lease=window["lease"])
+
+
+def test_range_reads_reuse_connections_and_never_a_cut_one(bucket, s3_client, s3, proxy, monkeypatch):
+    """The data plane reads each body straight into the caller's buffer. A body read whole
+    hands its connection back to the pool (one connection for many GETs); a body cut short
+    never goes back, so the next GET cannot read the rest of the old one."""
+    from coldbrew.agent.config import OriginSettings
+    from coldbrew.agent.s3data import S3RangeReader
+
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    data = put_random(s3_client, bucket, "m/pool.bin", 3 * MiB, 31)
+    etag = s3_client.head_object(Bucket=bucket, Key="m/pool.bin")["ETag"]
+    reader = S3RangeReader(OriginSettings(
+        url=f"s3://{bucket}", endpoint_url=proxy.url, region="us-east-1", anonymous=False,
+        fetch_concurrency=1, retry_attempts=1, retry_base_delay_s=0.01, retry_max_delay_s=0.01,
+        connect_timeout_s=5, read_timeout_s=5))
+    buf = bytearray(MiB)
+    try:
+        proxy.reset_counts()
+        for i in range(3):
+            assert reader.read_into(bucket, "m/pool.bin", i * MiB, memoryview(buf), etag)[0] == MiB
+            assert buf == data[i * MiB:(i + 1) * MiB]
+        assert proxy.counts["connections"] == 1, "one kept-alive connection for three GETs"
+        proxy.add_fault(Fault.truncate(1000), method="GET", ranged_only=True, count=1)
+        got, _ = reader.read_into(bucket, "m/pool.bin", 0, memoryview(buf), etag)
+        assert got == 1000 and proxy.counts["fired"]["truncate"] == 1
+        assert reader.read_into(bucket, "m/pool.bin", MiB, memoryview(buf), etag)[0] == MiB
+        assert buf == data[MiB:2 * MiB], "the next GET got its own bytes, on a new connection"
+        assert proxy.counts["connections"] == 2
+    finally:
+        reader.close()
