@@ -27,15 +27,14 @@ RUN python -m venv /opt/coldbrew \
  && /opt/coldbrew/bin/pip install --no-cache-dir ".[fuse,p2p]"
 
 FROM python:3.11-slim-bookworm
-# fuse3: fusermount3 for the preStop unmount, and libfuse3 3.14 should FUSE_LIBRARY_PATH be
-# unset. Not Debian `fuse` beside it (mfusepy would pick libfuse2).
+# fuse3: fusermount3 for the preStop unmount (and libfuse3 3.14, unused: the agent loads the
+# 3.17 in <venv>/libfuse). Not Debian `fuse` beside it (mfusepy would pick libfuse2).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends fuse3 \
  && rm -rf /var/lib/apt/lists/*
-COPY --from=libfuse /opt/libfuse/libfuse3.so.4 /opt/libfuse/libfuse3.so.4
 COPY --from=build /opt/coldbrew /opt/coldbrew
+COPY --from=libfuse /opt/libfuse/libfuse3.so.4 /opt/coldbrew/libfuse/libfuse3.so.4
 ENV PATH=/opt/coldbrew/bin:$PATH \
-    FUSE_LIBRARY_PATH=/opt/libfuse/libfuse3.so.4 \
     FUSE_LIBRARY_NAME=fuse3 \
     PYTHONUNBUFFERED=1
 ENTRYPOINT ["coldbrew"]

@@ -52,6 +52,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
+from coldbrew.fuse.mount import fuse_library  # noqa: E402
 
 BUCKET = "coldbrew-bench"
 KEY = "bench/model.safetensors"
@@ -351,7 +352,7 @@ class Bench:
         if opens:
             print("  (2)/(3) opens by mode (last run): " + ", ".join(
                 f"{mode} {n:.0f}" for mode, n in opens[-1].items())
-                  + f"; libfuse {os.environ.get('FUSE_LIBRARY_PATH') or 'system'}")
+                  + f"; libfuse {fuse_library() or 'system'}")
         for note in self.notes:
             print(f"note: {note}")
         print()

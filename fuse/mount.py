@@ -56,16 +56,19 @@ FSTYPE = f"fuse.{SUBTYPE}"
 _DEAD_ERRNOS = {errno.ENOTCONN, errno.ECONNABORTED}
 
 
-def load_mfusepy() -> ModuleType:
-    """Import mfusepy bound to libfuse3, or explain what to install.
-
-    ``FUSE_LIBRARY_PATH`` picks the library; unset, the libfuse 3.17 that ``./dev setup``
-    builds into the environment (``<prefix>/libfuse``) is used where it exists (passthrough
-    needs >= 3.16), else the system's libfuse3.
-    """
+def fuse_library() -> str | None:
+    """The libfuse mfusepy will load: ``FUSE_LIBRARY_PATH`` if set, else the libfuse 3.17 that
+    ``./dev setup`` and the image build into the environment (``<prefix>/libfuse``; passthrough
+    needs >= 3.16) where it exists, else None (the system's libfuse3)."""
     built = Path(sys.prefix, "libfuse", "libfuse3.so.4")
-    if "FUSE_LIBRARY_PATH" not in os.environ and built.is_file():
-        os.environ["FUSE_LIBRARY_PATH"] = str(built)
+    return os.environ.get("FUSE_LIBRARY_PATH") or (str(built) if built.is_file() else None)
+
+
+def load_mfusepy() -> ModuleType:
+    """Import mfusepy bound to libfuse3 (:func:`fuse_library`), or explain what to install."""
+    library = fuse_library()
+    if library is not None:
+        os.environ["FUSE_LIBRARY_PATH"] = library  # read by mfusepy at import
     os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
     try:
         import mfusepy

@@ -53,8 +53,8 @@ def supported_by(mfusepy: ModuleType) -> str | None:
     """None if this libfuse can pass files through; else why not (for the log)."""
     version = (mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
     if version < MIN_LIBFUSE:
-        return (f"libfuse {version[0]}.{version[1]} is older than 3.16 (./dev setup builds 3.17; "
-                "set FUSE_LIBRARY_PATH to it)")
+        return (f"libfuse {version[0]}.{version[1]} is older than 3.16 (./dev setup builds 3.17 "
+                "into <venv>/libfuse; FUSE_LIBRARY_PATH names another)")
     return None
 
 
