@@ -1,6 +1,6 @@
 """Probe: FUSE passthrough through mfusepy, read speed against the backing file itself.
 
-    FUSE_LIBRARY_PATH=$(bash tools/build_libfuse.sh) python bench/probe_passthrough.py [--size 1GiB]
+    ./dev setup && .venv/bin/python bench/probe_passthrough.py [--size 1GiB]
 
 Groundwork for issue 4's cached-read bars (bench/RESULTS.md). A FUSE file opened in
 passthrough mode is read by the kernel straight from a backing file, so no request reaches
@@ -10,13 +10,8 @@ over a local file with mfusepy on libfuse >= 3.16 (Debian 12 has 3.14:
 in .venv/libfuse), twice: once with passthrough, once answering ``read`` from Python (the
 view's old path). It reads each the same way the FUSE benchmark does and checks the bytes.
 
-How passthrough is asked for from mfusepy's high-level API (no binding helps):
-* at init, ``conn.want |= FUSE_CAP_PASSTHROUGH`` and ``max_backing_stack_depth = 1``;
-* at open, ``ioctl(FUSE_DEV_IOC_BACKING_OPEN)`` on the session's /dev/fuse descriptor
-  with the backing file's descriptor (needs CAP_SYS_ADMIN); the id it returns goes into
-  ``fuse_file_info.backing_id``, a field mfusepy does not name (it sits in the upper half of
-  what mfusepy calls ``poll_events``);
-* ``keep_cache`` must stay 0: with it the kernel fails the open with EIO.
+How passthrough is asked for from mfusepy's high-level API is in
+:mod:`coldbrew.fuse.passthrough`, which this probe uses as the view does.
 
 Needs root, /dev/fuse and fusermount3. Everything is removed at exit.
 """
@@ -24,12 +19,9 @@ Needs root, /dev/fuse and fusermount3. Everything is removed at exit.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
-import fcntl
 import os
 import stat
-import struct
 import subprocess
 import sys
 import tempfile
@@ -38,20 +30,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-
-FUSE_CAP_PASSTHROUGH = 1 << 29
-#: _IOW(229, 1, struct fuse_backing_map {int32 fd; uint32 flags; uint64 padding})
-FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501
+from coldbrew.fuse.mount import fuse_library, load_mfusepy  # noqa: E402
+from coldbrew.fuse.passthrough import FUSE_CAP_PASSTHROUGH, Passthrough, supported_by  # noqa: E402
 
 
 def make_ops(mfusepy, backing: Path, passthrough: bool):
-    lib = mfusepy._libfuse
-    lib.fuse_get_session.restype = ctypes.c_void_p
-    lib.fuse_get_session.argtypes = [ctypes.c_void_p]
-    lib.fuse_session_fd.restype = ctypes.c_int
-    lib.fuse_session_fd.argtypes = [ctypes.c_void_p]
     size = backing.stat().st_size
-    backing_id_at = mfusepy.fuse_file_info.poll_events.offset + 4
+    kernel = Passthrough(mfusepy)  # the view's own: register a backing file, answer the open
 
     class OneFile(mfusepy.Operations):
         use_ns = True
@@ -77,10 +62,10 @@ def make_ops(mfusepy, backing: Path, passthrough: bool):
             fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
             fi.fh = fd
             if passthrough:
-                session_fd = lib.fuse_session_fd(lib.fuse_get_session(lib.fuse_get_context().contents.fuse))
-                backing_id = fcntl.ioctl(session_fd, FUSE_DEV_IOC_BACKING_OPEN,
-                                         bytearray(struct.pack("iIQ", fd, 0, 0)), True)
-                ctypes.c_int32.from_address(ctypes.addressof(fi) + backing_id_at).value = backing_id
+                backing_id = kernel.register(fd)
+                if backing_id is None:
+                    raise OSError(errno.EPERM, "the kernel refused the backing file")
+                kernel.answer(fi, backing_id)
             else:
                 fi.keep_cache = 1
             return 0
@@ -97,8 +82,7 @@ def make_ops(mfusepy, backing: Path, passthrough: bool):
 
 def serve(backing: Path, mnt: Path, passthrough: bool) -> int:
     """The daemon side, in its own process (as the agent is to the programs reading)."""
-    import mfusepy
-
+    mfusepy = load_mfusepy()
     mfusepy.FUSE(make_ops(mfusepy, backing, passthrough), str(mnt), raw_fi=True, foreground=True,
                  ro=True, nothreads=False)
     return 0
@@ -141,13 +125,12 @@ def main() -> int:
     args = p.parse_args()
     if args.serve:
         return serve(Path(args.serve[0]), Path(args.serve[1]), args.serve[2] == "passthrough")
-    os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
-    import mfusepy
-
+    mfusepy = load_mfusepy()
     print(f"libfuse {mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor} "
-          f"({os.environ.get('FUSE_LIBRARY_PATH', 'system')})")
-    if (mfusepy.fuse_version_major, mfusepy.fuse_version_minor) < (3, 16):
-        print("needs libfuse >= 3.16: FUSE_LIBRARY_PATH=$(bash tools/build_libfuse.sh)", file=sys.stderr)
+          f"({fuse_library() or 'system'})")
+    why = supported_by(mfusepy)
+    if why is not None:
+        print(f"no passthrough: {why}", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="coldbrew-passthrough-"))
     backing = work / "backing.bin"
