@@ -3,16 +3,17 @@
 How a chunk moves (DESIGN.md decision 6):
 
 * The torrent's one file is the entry's data file (:mod:`.torrent`), one piece per
-  chunk, so libtorrent serves and writes the cache's own bytes — never a second copy. It verifies every
-  piece against its SHA-1 before we hear of it; a peer that sent bad bytes is banned.
+  chunk, so libtorrent serves and writes the cache's own bytes — never a second copy.
+  It verifies every piece against its SHA-1 before we hear of it; a peer that sent bad
+  bytes is banned.
 * Every piece starts at priority 0: libtorrent fetches nothing on its own. The
   fetcher asks for one chunk at a time (:meth:`Swarm.from_peers`, a piece deadline),
   in the order readers need them, and gives up on peers after ``p2p_chunk_timeout_s``
   — then the chunk comes from the origin. Never a stall.
 * Once a torrent is attached, libtorrent owns the entry's data file: origin bytes
   go in through ``add_piece`` (:meth:`Swarm.put_piece`), so its write cache and the
-  store never write the file at once. A finished piece is adopted into the store (xxh3 digest + journal)
-  once libtorrent has written it: its disk backend hashes a piece from its write
+  store never write the file at once. A finished piece is adopted into the store
+  (xxh3 digest + journal) once libtorrent has written it: its disk backend hashes a piece from its write
   cache and may say so before the bytes reach the file, so adoption waits for a
   flush of the torrent's cache (``flush_cache`` → ``cache_flushed_alert``).
 * When several agents want a chunk nobody has, only its stripe owner fetches it from
