@@ -68,6 +68,23 @@ def read_files(paths: Iterable[Path], buf_bytes: int = 8 * MiB) -> int:
     return total
 
 
+def cached_bytes(path: Path) -> int | None:
+    """Bytes of ``path``'s own page cache by cachestat(2) (Linux 6.5+; None where it is
+    missing). For a file on a FUSE mount: the mount's pages, not those of what backs it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    span = (ctypes.c_uint64 * 2)(0, 0)  # offset 0, length 0: the whole file
+    out = (ctypes.c_uint64 * 5)()  # nr_cache first
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.syscall(451, fd, span, out, 0) != 0:  # SYS_cachestat (x86-64, arm64)
+            return None
+    finally:
+        os.close(fd)
+    return out[0] * os.sysconf("SC_PAGE_SIZE")
+
+
 def files_under(root: Path) -> list[Path]:
     return sorted(p for p in Path(root).rglob("*") if p.is_file() and not p.is_symlink())
 

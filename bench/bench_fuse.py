@@ -15,7 +15,10 @@ with ``--mount``, and five readings of the same bytes, each run in every repetit
                       through again, or served from the page cache the view let the mount
                       keep (``keep_cache``).
   (4) FUSE, cold      a fresh agent (empty cache, fresh mount) and the file read through
-                      the mount straight from S3: open starts the in-order prefetch.
+                      the mount straight from S3: open starts the in-order prefetch. With
+                      passthrough the open is direct_io (the bytes go from the agent into
+                      the reader's buffer, and the mount keeps no second copy of them in
+                      page cache: shown after the table); without it, the mount's pages.
   (5) prewarm, cold   a fresh agent and ``coldbrew prewarm URI --wait``: the agent's own
                       S3-to-cache speed, the reference for (4). Timed by the job's own
                       elapsed_s (the stricter figure; the CLI's wall time is shown too).
@@ -246,7 +249,11 @@ class Bench:
             seconds = self.timed_read([mnt / KEY], agent, cpu, fills=2)
             out = {"fuse_cold": seconds, "cpu_fuse_cold": cpu,
                    "origin_gets": agent.metric("coldbrew_origin_requests_total", op="get", outcome="ok"),
-                   "origin_bytes": agent.metric("coldbrew_origin_bytes_total")}
+                   "origin_bytes": agent.metric("coldbrew_origin_bytes_total"),
+                   "fuse_cold_opens": {mode: agent.metric("coldbrew_fuse_opens_total", mode=mode) or 0
+                                       for mode in ("passthrough", "cached", "direct")},
+                   # Measured by a new open (passed through: it adds no mount pages).
+                   "mount_page_cache_after_cold": C.cached_bytes(mnt / KEY)}
             self.check_same(mnt / KEY, "(4) cold FUSE read")
             return out
         finally:
@@ -348,11 +355,16 @@ class Bench:
         if reqs:
             print(f"  (2) FUSE read requests: {C.median(reqs):.0f} (mean {self.size / C.median(reqs) / C.MiB:.2f} "
                   f"MiB each), mean {C.median(secs) / C.median(reqs) * 1e3:.3f} ms each inside the view")
-        opens = [rec["fuse_opens"] for rec in self.runs if rec.get("fuse_opens")]
-        if opens:
-            print("  (2)/(3) opens by mode (last run): " + ", ".join(
-                f"{mode} {n:.0f}" for mode, n in opens[-1].items())
-                  + f"; libfuse {fuse_library() or 'system'}")
+        for key, label in (("fuse_opens", "(2)/(3)"), ("fuse_cold_opens", "(4)")):
+            opens = [rec[key] for rec in self.runs if rec.get(key)]
+            if opens:
+                print(f"  {label} opens by mode (last run): " + ", ".join(
+                    f"{mode} {n:.0f}" for mode, n in opens[-1].items()))
+        kept = [rec["mount_page_cache_after_cold"] for rec in self.runs
+                if rec.get("mount_page_cache_after_cold") is not None]
+        if kept:
+            print(f"  the mount's own page cache after (4): {C.format_size(max(kept))} at most "
+                  f"(the data file's pages hold the model once); libfuse {fuse_library() or 'system'}")
         for note in self.notes:
             print(f"note: {note}")
         print()
@@ -363,8 +375,8 @@ class Bench:
 
     def mode_text(self) -> str:
         parts = ["prefault (right before every clock a scratch file as big as the page cache the "
-                 "reading fills is written and deleted: the model's size; twice that for (4), which "
-                 "fills the data file and the mount's pages)" if self.args.prefault else "no prefault"]
+                 "reading fills is written and deleted: the model's size; twice that for (4), where "
+                 "the mount's pages may hold a second copy)" if self.args.prefault else "no prefault"]
         parts.append("page cache dropped before each cold reading, then the S3 server's data re-read"
                      if self.drop else "page cache not dropped (sync only)")
         parts.append("a fresh agent (empty cache, fresh mount) for each of (4) and (5); (1)-(3) on (5)'s "

@@ -267,6 +267,11 @@ class Mount:
         conn.max_backing_stack_depth = 1
         self.view.passthrough = passthrough.Passthrough(mfusepy)
         self.passthrough = True
+        if conn.capable & passthrough.FUSE_CAP_DIRECT_IO_ALLOW_MMAP:
+            # Cold opens can then be direct_io (one copy of a model in page cache, not two)
+            # and still be mmapped, as safetensors does.
+            conn.want |= passthrough.FUSE_CAP_DIRECT_IO_ALLOW_MMAP
+            self.view.direct_mmap = True
 
     @property
     def alive(self) -> bool:

@@ -41,6 +41,8 @@ from typing import Any
 log = logging.getLogger("coldbrew.fuse")
 
 FUSE_CAP_PASSTHROUGH = 1 << 29
+#: libfuse's FUSE_CAP_DIRECT_IO_ALLOW_MMAP (Linux 6.6+): shared mmap of direct_io files.
+FUSE_CAP_DIRECT_IO_ALLOW_MMAP = 1 << 28
 #: _IOW(229, 1, struct fuse_backing_map {int32 fd; uint32 flags; uint64 padding})
 FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501
 #: _IOW(229, 2, uint32 backing_id)

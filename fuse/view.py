@@ -23,14 +23,26 @@ fetcher as bytes and are kept per open file, a few at a time.
 Passthrough. A file that is wholly cached, every chunk checked, is opened in passthrough
 mode where the kernel and libfuse allow it (:mod:`.passthrough`): the kernel then reads
 the data file itself, at its speed, and none of those reads reach this module. Chunks
-not known good are hashed at that open. Other opens of a path passed through use
-``direct_io`` (the kernel's rule: one backing file per inode, never beside its page cache).
+not known good are hashed at that open. The kernel's rules per inode (Linux 6.9+): while
+one open of it is passed through, it takes no open that is not, and no other backing
+file (it fails such an open with EIO); and no passthrough beside an open that may use the
+mount's page cache (a cached open, or an mmap of a ``direct_io`` one). So while a path
+is passed through, every open of it is too, to the same version: a new version of the
+object at the origin is opened once the last open of the old one has closed.
 
-Page cache. An open file is pinned to one ETag (``Fetcher.open``), so its bytes never
-change: the kernel may keep them across opens (``keep_cache``), and a second read runs
-at page-cache speed. When a path's ETag changes, the next open drops the kernel's
-pages; while two versions of one path are open at once, the newer one bypasses the
-page cache (``direct_io``) so the two can never mix.
+Other opens. Where passthrough works, an open that cannot be passed through (the file is
+not whole yet, or another open keeps the inode from passthrough) is ``direct_io``: its
+reads stream through the agent into the reader's buffer and leave no second copy of the
+model in the mount's page cache, since the opens after it are passed through to the data
+file's pages. An mmap of such a file still works (the mount asks the kernel to allow it)
+and uses the mount's page cache.
+
+Page cache (without passthrough). An open file is pinned to one ETag (``Fetcher.open``),
+so its bytes never change: the kernel may keep them across opens (``keep_cache``), and a
+second read runs at page-cache speed. When a path's ETag changes, the next open drops the
+kernel's pages; while two versions of one path are open at once, the newer one bypasses
+the page cache (``direct_io``) so their reads never mix. (Two versions both mmapped at
+once can still share pages: the kernel maps a ``direct_io`` file through the page cache.)
 
 Errors come from the agent's one errno table (:func:`coldbrew.agent.errors.errno_for`):
 ENOENT, EACCES, EIO (origin down after retries, or the deadline passed), ESTALE (the
@@ -104,7 +116,7 @@ class Node:
 class _Handle:
     rel: str
     file: OpenFile
-    mode: str = "cached"  # "passthrough", "cached" (the kernel's page cache), "direct" (direct_io)
+    mode: str = "cached"  # "passthrough", "cached" (the mount's page cache), "direct" (direct_io)
     uncached: OrderedDict[int, bytearray] = field(default_factory=OrderedDict)
     last_index: int = -1
 
@@ -114,6 +126,7 @@ class _Backing:
     """A data file the kernel passes one path's opens through to."""
 
     key: str  # the entry (version) passed through
+    info: ObjectInfo  # that version, for the opens that join it
     backing_id: int
     fd: int  # ours, closed with the id
     opens: int = 0
@@ -126,8 +139,9 @@ class _PageState:
     etag: str | None = None
     dirty: bool = False  # two versions were open at once: drop the pages at the next clean open
     open_etags: dict[str, int] = field(default_factory=dict)
-    cached_opens: int = 0  # open with the page cache (no passthrough possible meanwhile)
+    page_opens: int = 0  # opens not passed through, which may use the page cache (mmap)
     backing: _Backing | None = None  # passed through to this, while open
+    held_etag: str | None = None  # a newer version kept waiting by ``backing`` (logged once)
 
 
 def inode_of(rel: str) -> int:
@@ -201,6 +215,9 @@ class View:
         self.on_init: Callable[[Any, Any], None] | None = None
         #: Set by the mount when the kernel and libfuse can pass files through.
         self.passthrough: Passthrough | None = None
+        #: Set by the mount when, besides, the kernel lets ``direct_io`` files be mmapped: the
+        #: opens not passed through are ``direct_io`` then (see the module's docstring).
+        self.direct_mmap = False
 
     # --- the bridge to the agent's event loop -------------------------------------------------
 
@@ -298,6 +315,10 @@ class View:
                                int(info.mtime * 1e9) if info.mtime is not None else None)
         rel = _rel(path)
         node = self._lookup(rel)
+        held = self._held_version(rel, node.etag)
+        if held is not None:  # the path shows the version its opens get (see _held_version)
+            return self._attrs(rel, False, held.size,
+                               int(held.mtime * 1e9) if held.mtime is not None else None)
         return self._attrs(rel, node.is_dir, node.size, node.mtime_ns)
 
     @_op("opendir")
@@ -348,40 +369,88 @@ class View:
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
         info = ObjectInfo(node.uri, node.size, node.etag or "",
                           node.mtime_ns / 1e9 if node.mtime_ns is not None else None)
-        f = self._call("open", self._open(info, self._wants_prefetch(rel)))
-        try:
-            self.files.notice_outside_writes(f.entry)
-            whole = self._may_pass_through(f.entry)
-        except BaseException:
-            self.store.unpin(f.entry)
-            raise
+        prefetch = self._wants_prefetch(rel)
+        for _ in range(3):
+            info = self._held_version(rel, info.etag) or info
+            f = self._call("open", self._open(info, prefetch))
+            try:
+                mode = self._open_mode(rel, f, fi)
+            except BaseException:
+                self.store.unpin(f.entry)
+                raise
+            if mode is not None:
+                break
+            self.store.unpin(f.entry)  # passed through to another version meanwhile: join it
+        else:
+            raise OSError(errno.EIO, f"{info.uri}: its passthrough kept changing under the open")
+        self.metrics.open_files.inc()
+        self.metrics.opens.labels(mode).inc()
+        return 0
+
+    def _held_version(self, rel: str, etag: str | None) -> ObjectInfo | None:
+        """The version ``rel`` is passed through to, if that is not ``etag``: the kernel takes
+        no open of the inode that is not passed through to the same file, so until that
+        version's last close the path shows and opens it (one whole version, never a mix)."""
+        with self._lock:
+            page = self._pages.get(rel)
+            if page is None or page.backing is None or page.backing.info.etag == etag:
+                return None
+            held, first_time = page.backing.info, page.held_etag != etag
+            page.held_etag = etag
+        if first_time:
+            log.info("the object changed at the origin while open through the mount in passthrough "
+                     "mode; the path shows and opens the version open now until its last close",
+                     extra={"uri": held.uri, "etag_open": held.etag, "etag_new": etag})
+        return held
+
+    def _open_mode(self, rel: str, f: OpenFile, fi: Any) -> str | None:
+        """Record the open and answer ``fi``; None: the path is passed through to another
+        version now (open that one instead)."""
+        self.files.notice_outside_writes(f.entry)
+        whole = self._may_pass_through(f.entry)
+        with self._lock:
+            page = self._pages.get(rel)
+            joins = page is not None and page.backing is not None and page.backing.key == f.entry.key
+        if joins and not whole:  # a chunk was dropped since (found corrupt): fetch it again first
+            whole = self._make_whole(f)
         with self._lock:
             page = self._pages.setdefault(rel, _PageState())
             mode = self._choose_mode(page, f, whole, fi)
+            if mode is None:
+                return None
             fh = next(self._fh)
             key = f.entry.key
             self._open_per_entry[key] = self._open_per_entry.get(key, 0) + 1
             self._handles[fh] = _Handle(rel, f, mode)
             page.open_etags[f.info.etag] = page.open_etags.get(f.info.etag, 0) + 1
         fi.fh = fh
-        self.metrics.open_files.inc()
-        self.metrics.opens.labels(mode).inc()
-        return 0
+        return mode
 
-    def _choose_mode(self, page: _PageState, f: OpenFile, whole: bool, fi: Any) -> str:
-        """Passthrough, the page cache, or direct_io for this open (under ``_lock``)."""
+    def _make_whole(self, f: OpenFile) -> bool:
+        missing = [i for i in range(f.entry.layout.count) if not self.store.has(f.entry, i)]
+        self._call("open", self.fetcher.ensure_all(f, missing, Priority.READ))
+        return self.files.whole_and_checked(f.entry)
+
+    def _choose_mode(self, page: _PageState, f: OpenFile, whole: bool, fi: Any) -> str | None:
+        """Passthrough, the page cache, or direct_io for this open (under ``_lock``); None if
+        the path is passed through to another version."""
         etag, key = f.info.etag, f.entry.key
-        if whole and (page.backing.key == key if page.backing else not page.cached_opens):
-            if page.backing is None:
-                page.backing = self._register(f.entry)
-            if page.backing is not None and self.passthrough is not None:
-                page.backing.opens += 1
-                self.passthrough.answer(fi, page.backing.backing_id)
-                return "passthrough"
+        if page.backing is not None:  # the kernel takes only opens passed through to it
+            if page.backing.key != key:
+                return None
+            if not whole:
+                raise OSError(errno.EIO, f"{f.info.uri}: a chunk of this file, passed through to "
+                                         "the cache, could not be stored again (see the log)")
+            return self._pass_through(page, fi)
+        if whole and not page.page_opens:
+            page.backing = self._register(f.entry, f.info)
+            if page.backing is not None:
+                return self._pass_through(page, fi)
+        page.page_opens += 1
         others = any(e != etag and n > 0 for e, n in page.open_etags.items())
-        if others or page.backing is not None:
-            # Another version is open (stay out of the shared page cache), or the inode is
-            # passed through (the kernel allows no page cache beside it).
+        if others or (self.direct_mmap and self._may_register()):
+            # Another version is open (stay out of the shared page cache), or later opens
+            # will be passed through to the data file's pages: keep no second copy.
             fi.direct_io, fi.keep_cache = 1, 0
             page.dirty = page.dirty or others
             return "direct"
@@ -390,10 +459,15 @@ class View:
         else:
             fi.keep_cache = 0  # the kernel drops what it held for this path
             page.etag, page.dirty = etag, False
-        page.cached_opens += 1
         return "cached"
 
-    def _register(self, entry: Entry) -> _Backing | None:
+    def _pass_through(self, page: _PageState, fi: Any) -> str:
+        assert page.backing is not None and self.passthrough is not None
+        page.backing.opens += 1
+        self.passthrough.answer(fi, page.backing.backing_id)
+        return "passthrough"
+
+    def _register(self, entry: Entry, info: ObjectInfo) -> _Backing | None:
         """The entry's data file registered as a backing file (None: passthrough refused)."""
         pt = self.passthrough
         if pt is None or not pt.enabled:
@@ -406,16 +480,18 @@ class View:
         if backing_id is None:
             os.close(fd)
             return None
-        return _Backing(entry.key, backing_id, fd)
+        return _Backing(entry.key, info, backing_id, fd)
 
     def _unregister(self, backing: _Backing) -> None:
         if self.passthrough is not None:
             self.passthrough.unregister(backing.backing_id)
         os.close(backing.fd)
 
+    def _may_register(self) -> bool:
+        return self.passthrough is not None and self.passthrough.enabled
+
     def _may_pass_through(self, entry: Entry) -> bool:
-        pt = self.passthrough
-        return pt is not None and pt.enabled and self.files.whole_and_checked(entry)
+        return self._may_register() and self.files.whole_and_checked(entry)
 
     @_op("release")
     def release(self, path: str | None, fi: Any) -> int:
@@ -436,13 +512,13 @@ class View:
                 page.open_etags[etag] = page.open_etags.get(etag, 1) - 1
                 if page.open_etags[etag] <= 0:
                     del page.open_etags[etag]
-                if handle.mode == "cached":
-                    page.cached_opens -= 1
-                elif handle.mode == "passthrough" and page.backing is not None:
+                if handle.mode != "passthrough":
+                    page.page_opens -= 1
+                elif page.backing is not None:
                     page.backing.opens -= 1
                     if page.backing.opens <= 0:
                         self._unregister(page.backing)
-                        page.backing = None
+                        page.backing, page.held_etag = None, None
         self.store.unpin(handle.file.entry)
         self.metrics.open_files.dec()
         return 0

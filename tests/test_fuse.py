@@ -224,22 +224,98 @@ def test_with_passthrough_off_cached_files_are_read_through_the_agent(bucket, s3
 
 
 @needs_passthrough
-def test_passthrough_waits_until_the_file_is_whole_and_no_cached_open_remains(
+def test_passthrough_waits_until_the_file_is_whole_and_no_other_open_remains(
         bucket, s3_client, make_agent, mnt):
     data = put_random(s3_client, bucket, "m/cold.dat", 3 * MiB + 1, 22)
     agent = _mounted(make_agent, bucket, mnt)
     path = mnt / "m/cold.dat"
-    with open(path, "rb") as first:  # cold: read through the agent, into the page cache
+    with open(path, "rb") as first:  # cold: read through the agent
         assert first.read() == data
         with open(path, "rb") as second:  # whole now, but the kernel allows no passthrough
-            assert second.read() == data  # beside an open that uses the page cache
-    assert _opens(agent, "cached") == 2 and _opens(agent, "passthrough") == 0
+            assert second.read() == data  # beside an open that may use the page cache (mmap)
+    assert _opens(agent, "direct") == 2 and _opens(agent, "passthrough") == 0
     _wait_released(agent)
     with open(path, "rb") as third:
         assert third.read() == data
         with open(path, "rb") as fourth:
             assert fourth.read(100) == data[:100]
     assert _opens(agent, "passthrough") == 2
+
+
+def _pages_cached(path: Path) -> int:
+    """Pages of ``path``'s own page cache (for a file on the mount: the mount's, not the data
+    file's), by cachestat(2) (Linux 6.5+)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    span = (ctypes.c_uint64 * 2)(0, 0)  # offset 0, length 0: the whole file
+    stat_out = (ctypes.c_uint64 * 5)()  # nr_cache, nr_dirty, nr_writeback, nr_evicted, ...
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.syscall(451, fd, span, stat_out, 0) != 0:  # SYS_cachestat on x86-64 and arm64
+            raise OSError(ctypes.get_errno(), "cachestat")
+    finally:
+        os.close(fd)
+    return stat_out[0]
+
+
+@needs_passthrough
+def test_a_cold_read_leaves_one_copy_in_page_cache_and_mmap_still_works(
+        bucket, s3_client, make_agent, mnt):
+    data = put_random(s3_client, bucket, "m/stream.safetensors", 6 * MiB + 11, 25)
+    cold = put_random(s3_client, bucket, "m/mapped.bin", 5 * MiB + 3, 26)
+    agent = _mounted(make_agent, bucket, mnt)
+    path = mnt / "m/stream.safetensors"
+    with open(path, "rb") as f:  # cold: streamed through the agent into this buffer
+        assert f.read() == data
+    assert _opens(agent, "direct") == 1
+    assert agent.metric("coldbrew_fuse_read_bytes_total") == len(data)
+    _wait_released(agent)
+    assert _pages_cached(path) == 0, "the mount kept no copy: the data file's pages are the one"
+    # An mmap of a file opened cold (direct_io) works too: safetensors maps its files.
+    offsets = [len(cold) - 9, 0, 2 * MiB + 17]
+    out = subprocess.run([sys.executable, "-c", _MMAP_READER, str(mnt / "m/mapped.bin"),
+                          *map(str, offsets)], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [_sha(cold[o:o + 70_000]) for o in offsets]
+    assert _opens(agent, "direct") == 2
+    assert _opens(agent, "passthrough") == 1, "cachestat's own open of the whole file"
+
+
+def test_without_passthrough_the_mount_keeps_its_page_cache(bucket, s3_client, make_agent, mnt):
+    """The counterpart of the test above: cachestat does see the mount's own pages."""
+    data = put_random(s3_client, bucket, "m/kept.dat", 4 * MiB, 27)
+    agent = _mounted(make_agent, bucket, mnt, extra=["--fuse-passthrough", "false"])
+    path = mnt / "m/kept.dat"
+    assert path.read_bytes() == data
+    assert _opens(agent, "cached") == 1
+    assert _pages_cached(path) == len(data) // 4096
+
+
+@needs_passthrough
+def test_a_new_version_is_opened_once_the_one_passed_through_is_closed(
+        bucket, s3_client, make_agent, mnt):
+    """The kernel takes no open of an inode passed through that is not passed through to
+    the same file: until the old version's last close, the path shows and opens it."""
+    v1 = put_random(s3_client, bucket, "m/ver.dat", 3 * MiB, 28)
+    agent = _mounted(make_agent, bucket, mnt, extra=["--fuse-metadata-ttl-s", "0.2"])
+    agent.cli("prewarm", f"s3://{bucket}/m/ver.dat", "--wait", "--quiet", check=True)
+    path = mnt / "m/ver.dat"
+    with open(path, "rb") as old:
+        assert old.read(100) == v1[:100]
+        v2 = put_random(s3_client, bucket, "m/ver.dat", 2 * MiB + 5, 29)
+        time.sleep(1.2)  # past the view's metadata TTL and the kernel's attribute cache
+        assert os.stat(path).st_size == len(v1)
+        with open(path, "rb") as joined:
+            assert os.fstat(joined.fileno()).st_size == len(v1)
+            assert joined.read() == v1, "one whole version, never a mix, never EIO"
+    assert _opens(agent, "passthrough") == 2 and _opens(agent, "direct") == 0
+    assert "shows and opens the version open now" in agent.log_path.read_text()
+    _wait_released(agent)
+    time.sleep(1.1)  # the kernel's attribute cache
+    assert os.stat(path).st_size == len(v2)
+    assert path.read_bytes() == v2
+    assert _opens(agent, "direct") == 1, "v2 is cold: streamed through the agent"
 
 
 @needs_passthrough

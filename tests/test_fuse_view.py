@@ -395,9 +395,10 @@ def test_page_cache_flags_follow_the_etag(world):
 
 class KernelRules:
     """Stands in for the kernel's side of passthrough (the real one is in test_fuse.py): hands
-    out backing ids and enforces its rules per inode — an inode passed through takes only
-    passthrough opens of the same backing file (or direct_io opens), and no passthrough
-    open while it is open with the page cache."""
+    out backing ids and enforces its rules per inode (Linux 6.9+, fs/fuse/iomode.c): an inode
+    passed through takes only passthrough opens of the same backing file (any other open
+    fails with EIO), and no passthrough open while it is open with the page cache. A
+    direct_io open uses no page cache unless it is mmapped (which this fake never does)."""
 
     enabled = True
 
@@ -405,7 +406,7 @@ class KernelRules:
         self.ids = itertools.count(1)
         self.files: dict[int, int] = {}  # backing id -> inode of the file registered
         self.closed: list[int] = []
-        self.inode: dict[str, tuple[str, object]] = {}  # path -> ("passthrough", id) / ("cached", n)
+        self.inode: dict[str, tuple[str, int]] = {}  # path -> ("passthrough", id) / ("cached", opens)
 
     def register(self, fd: int) -> int:
         backing_id = next(self.ids)
@@ -421,54 +422,122 @@ class KernelRules:
 
     def opened(self, path: str, fi) -> str:
         """What the kernel would do with the view's answer; AssertionError where it refuses."""
+        mode, held = self.inode.get(path, ("", 0))
         if getattr(fi, "backing_id", 0):
-            mode, held = self.inode.get(path, ("passthrough", fi.backing_id))
-            assert mode == "passthrough" and held == fi.backing_id, "EBUSY/ETXTBSY: refused"
+            assert mode != "cached", "ETXTBSY: the inode is open with the page cache"
+            assert mode == "" or held == fi.backing_id, "EBUSY: another backing file"
             self.inode[path] = ("passthrough", fi.backing_id)
             return "passthrough"
+        assert mode != "passthrough", "EIO: the inode is passed through"
         if fi.direct_io:
             return "direct"
-        assert self.inode.get(path, ("cached",))[0] == "cached", "ETXTBSY: inode passed through"
-        self.inode[path] = ("cached", 0)
+        self.inode[path] = ("cached", held + 1)
         return "cached"
+
+    def released(self, path: str, mode: str) -> None:
+        """The kernel leaves an inode's io mode when the last open in it closes."""
+        held_mode, n = self.inode.get(path, ("", 0))
+        if held_mode == "cached" and mode == "cached":
+            self.inode[path] = ("cached", n - 1) if n > 1 else ("", 0)
+        elif held_mode == "passthrough" and mode == "passthrough" and not any(
+                h.mode == "passthrough" for h in self.view._handles.values()):
+            del self.inode[path]
+
+
+def _kernel_world(world, direct_mmap: bool):
+    kernel = KernelRules()
+    kernel.view = world.view
+    world.view.passthrough = kernel  # type: ignore[assignment]
+    world.view.direct_mmap = direct_mmap
+
+    def opened(path: str):
+        fi = _fi()
+        world.view.open(path, fi)
+        return fi, kernel.opened(path.strip("/"), fi)
+
+    def release(path: str, fi) -> None:
+        mode = world.view._handles[fi.fh].mode
+        world.view.release(path, fi)
+        kernel.released(path.strip("/"), mode)
+
+    return kernel, opened, release
 
 
 def test_passthrough_obeys_the_kernels_rules_per_inode(world):
-    kernel = KernelRules()
+    kernel, opened, release = _kernel_world(world, direct_mmap=True)
     view = world.view
-    view.passthrough = kernel  # type: ignore[assignment]
     data = os.urandom(2 * CHUNK + 5)
     world.origin.put("m/p.dat", data, etag="e1")
 
-    def opened():
-        fi = _fi()
-        view.open("/m/p.dat", fi)
-        return fi, kernel.opened("m/p.dat", fi)
-
-    cold, mode = opened()
-    assert mode == "cached", "not cached yet: read through the agent"
+    cold, mode = opened("/m/p.dat")
+    assert mode == "direct", "not cached yet: streamed through the agent, no page cache"
     assert _read(view, "/m/p.dat", len(data), 0, cold) == data
-    second, mode = opened()
-    assert mode == "cached", "whole now, but an open with the page cache remains"
-    view.release("/m/p.dat", cold)
-    view.release("/m/p.dat", second)
-    kernel.inode.clear()  # the kernel leaves cached mode when the last such file closes
-    first, mode = opened()
+    second, mode = opened("/m/p.dat")
+    assert mode == "direct", "whole now, but an open that may mmap the page cache remains"
+    release("/m/p.dat", cold)
+    release("/m/p.dat", second)
+    first, mode = opened("/m/p.dat")
     assert mode == "passthrough" and first.backing_id == 1
     entry = view._handles[first.fh].file.entry
     assert kernel.files[1] == entry.data_path.stat().st_ino, "the cache's data file is the backing file"
-    again, mode = opened()
+    again, mode = opened("/m/p.dat")
     assert mode == "passthrough" and again.backing_id == 1, "one backing file per inode"
+
     world.origin.put("m/p.dat", os.urandom(3 * CHUNK), etag="e2")
     view.forget("m/p.dat")
-    newer, mode = opened()
-    assert mode == "direct", "another version, while the inode is passed through"
-    assert _read(view, "/m/p.dat", 10, 0, newer) == world.origin.objects["m/p.dat"][:10]
-    for fi in (first, again):
-        view.release("/m/p.dat", fi)
+    held, mode = opened("/m/p.dat")
+    assert mode == "passthrough" and held.backing_id == 1, "the kernel takes no other open"
+    assert _read(view, "/m/p.dat", len(data) + 9, 0, held) == data, "the version passed through"
+    assert view.getattr("/m/p.dat")["st_size"] == len(data), "and the path shows it"
+    for fi in (first, again, held):
+        release("/m/p.dat", fi)
     assert kernel.closed == [1], "the id goes when its last open does"
-    view.release("/m/p.dat", newer)
-    assert world.metrics.value("coldbrew_fuse_opens_total", mode="passthrough") == 2
+    assert view.getattr("/m/p.dat")["st_size"] == 3 * CHUNK
+    newer, mode = opened("/m/p.dat")
+    assert mode == "direct" and _read(view, "/m/p.dat", 10, 0, newer) == world.origin.objects["m/p.dat"][:10]
+    release("/m/p.dat", newer)
+    assert world.metrics.value("coldbrew_fuse_opens_total", mode="passthrough") == 3
+    assert world.metrics.value("coldbrew_fuse_opens_total", mode="direct") == 3
+
+
+def test_without_direct_mmap_cold_opens_use_the_page_cache_and_wait_for_passthrough(world):
+    """Passthrough without mmap of direct_io files (Linux has had both since 6.9, but the view
+    must not rely on it): cold opens use the page cache, and hold passthrough off."""
+    kernel, opened, release = _kernel_world(world, direct_mmap=False)
+    data = os.urandom(CHUNK + 7)
+    world.origin.put("m/c.dat", data)
+    cold, mode = opened("/m/c.dat")
+    assert mode == "cached" and _read(world.view, "/m/c.dat", len(data), 0, cold) == data
+    second, mode = opened("/m/c.dat")
+    assert mode == "cached", "whole now, but the kernel allows no passthrough beside the page cache"
+    release("/m/c.dat", cold)
+    release("/m/c.dat", second)
+    third, mode = opened("/m/c.dat")
+    assert mode == "passthrough"
+    release("/m/c.dat", third)
+
+
+def test_a_dropped_chunk_is_fetched_again_before_an_open_joins_the_passthrough(world):
+    kernel, opened, release = _kernel_world(world, direct_mmap=True)
+    view = world.view
+    data = os.urandom(3 * CHUNK)
+    world.origin.put("m/d.dat", data)
+    warm, _ = opened("/m/d.dat")
+    assert _read(view, "/m/d.dat", len(data), 0, warm) == data
+    release("/m/d.dat", warm)
+    first, mode = opened("/m/d.dat")
+    assert mode == "passthrough"
+    entry = view._handles[first.fh].file.entry
+    world.store.drop_chunk(entry, 1)  # e.g. found corrupt by a reader of the cache's API
+    gets = [c for c in world.origin.calls if c.startswith("get ")]
+    joined, mode = opened("/m/d.dat")
+    assert mode == "passthrough" and world.store.has(entry, 1)
+    assert [c for c in world.origin.calls if c.startswith("get ")] == [*gets, f"get m/d.dat {CHUNK}"], \
+        "exactly the dropped chunk"
+    with open(entry.data_path, "rb") as f:
+        assert f.read() == data, "the data file the kernel reads is whole again"
+    for fi in (first, joined):
+        release("/m/d.dat", fi)
 
 
 def test_a_refused_backing_file_turns_passthrough_off_and_the_open_still_works(world):
