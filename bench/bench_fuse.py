@@ -364,7 +364,8 @@ class Bench:
                 if rec.get("mount_page_cache_after_cold") is not None]
         if kept:
             print(f"  the mount's own page cache after (4): {C.format_size(max(kept))} at most "
-                  f"(the data file's pages hold the model once); libfuse {fuse_library() or 'system'}")
+                  "(besides the data file's pages, which hold the model once)")
+        print(f"  libfuse: {fuse_library() or 'the system one'}")
         for note in self.notes:
             print(f"note: {note}")
         print()

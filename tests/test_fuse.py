@@ -289,7 +289,7 @@ def test_without_passthrough_the_mount_keeps_its_page_cache(bucket, s3_client, m
     path = mnt / "m/kept.dat"
     assert path.read_bytes() == data
     assert _opens(agent, "cached") == 1
-    assert _pages_cached(path) == len(data) // 4096
+    assert _pages_cached(path) == len(data) // os.sysconf("SC_PAGE_SIZE")
 
 
 @needs_passthrough
