@@ -536,8 +536,18 @@ def test_a_dropped_chunk_is_fetched_again_before_an_open_joins_the_passthrough(w
         "exactly the dropped chunk"
     with open(entry.data_path, "rb") as f:
         assert f.read() == data, "the data file the kernel reads is whole again"
+
+    async def down(*_):
+        raise OriginUnavailable("the origin is down")
+
+    world.store.drop_chunk(entry, 2)
+    world.origin.read_into = down  # type: ignore[method-assign]
+    refused = _fi()
+    assert _errno(view.open, "/m/d.dat", refused) == errno.EIO, "never a hole passed through"
+    assert view._pages["m/d.dat"].backing.opens == 2, "the opens passed through are untouched"
     for fi in (first, joined):
         release("/m/d.dat", fi)
+    assert kernel.closed == [1] and view._pages["m/d.dat"].backing is None
 
 
 def test_a_refused_backing_file_turns_passthrough_off_and_the_open_still_works(world):
