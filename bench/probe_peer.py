@@ -6,9 +6,8 @@ One local S3 server, one object of ``--size`` random bytes. Agent A prewarms it 
 then, per run, a fresh agent B (its P2P port and A's as its only peer) prewarms it with A
 as its only source, and the probe prints B's time and throughput, both agents' CPU seconds,
 the bytes B wrote (``/proc/<pid>/io``) and where its bytes came from. Groundwork for P2P
-throughput (bench/RESULTS.md, P2P rollout): on these VMs the receiver's page-cache writes
-under libtorrent's ``pwritev`` dominate its CPU. Everything listens on 127.0.0.1; the work
-dir is removed at exit.
+throughput (bench/RESULTS.md, P2P rollout). Everything listens on 127.0.0.1; the work dir
+is removed at exit unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -104,12 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agent-arg", action="append", default=[],
                    help="extra argument for both agents, e.g. --agent-arg=--p2p-upload-limit=0")
     p.add_argument("--workdir", type=Path, default=None, help="parent of the temp work dir")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (agent logs) afterwards")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="coldbrew-probe-peer-", dir=args.workdir))
     try:
         run(args, work)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work} (the agents' logs: a.log, b0.log, ...)")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
