@@ -240,9 +240,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("peers_dns", _optional_str, None,
             "a DNS name that resolves to every agent (a headless Service); peers use our p2p_port"),
     Setting("peers_refresh_s", _positive(float), 30.0, "how often peers_dns is resolved again"),
-    Setting("p2p_upload_limit", parse_size, 1 * GiB,
+    # No cap by default: libtorrent's rate limiter also slows the start of every transfer
+    # (a peer's sending ramps up over ~1 s). Measured with bench/probe_peer.py, 1 GiB from one
+    # peer: 4.0-4.6 s under a 1 GiB/s cap, 2.4-2.9 s with none or 10 GiB/s (bench/RESULTS.md).
+    Setting("p2p_upload_limit", parse_size, 0,
             "most bytes per second served to peers, so they cannot starve this node's own loads "
-            "(0: no cap)"),
+            "(0: no cap; a cap also slows the start of each transfer to a peer)"),
     Setting("p2p_chunk_timeout_s", _positive(float), 10.0,
             "longest a chunk may take to arrive from peers before it is fetched from the origin"),
     Setting("log_format", lambda s: _choice(s, ("json", "text")), "json", "json or text"),
