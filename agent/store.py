@@ -91,17 +91,20 @@ def _read_journal(path: Path) -> list[bytes]:
     return data[:end].splitlines()
 
 
-def digest_fd(fd: int, size: int, offset: int = 0) -> str:
-    """The digest of ``size`` bytes at ``offset`` of an open file.
+def digest_chunk_fd(fd: int, offset: int, length: int) -> str | None:
+    """The digest of the chunk at ``offset`` of an open data file; None if the file is too
+    short to hold it.
 
     Hashed through a read-only mmap: no copy and no buffer to allocate (on these VMs
     fresh memory is the expensive part), and the pages it faults in are the ones the
     next reader wants anyway.
     """
-    if size == 0:
+    if os.fstat(fd).st_size < offset + length:
+        return None
+    if length == 0:
         return digest(b"")
-    skew = offset % mmap.ALLOCATIONGRANULARITY  # a map starts on a page; chunks need not
-    with mmap.mmap(fd, size + skew, access=mmap.ACCESS_READ, offset=offset - skew) as m:
+    skew = offset % mmap.ALLOCATIONGRANULARITY  # a map starts on a page; a chunk need not
+    with mmap.mmap(fd, length + skew, access=mmap.ACCESS_READ, offset=offset - skew) as m:
         if not skew:
             return digest(m)
         with memoryview(m) as whole, whole[skew:] as part:
@@ -109,11 +112,8 @@ def digest_fd(fd: int, size: int, offset: int = 0) -> str:
 
 
 def _digest_chunk(path: Path, offset: int, length: int) -> str | None:
-    """The digest of a chunk in a data file; None if the file is too short to hold it."""
     with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size < offset + length:
-            return None
-        return digest_fd(f.fileno(), length, offset)
+        return digest_chunk_fd(f.fileno(), offset, length)
 
 
 def _note_own_write(entry: "Entry", st: os.stat_result) -> None:

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable
 
-from ..agent.store import ChunkStore, Entry, digest_fd
+from ..agent.store import ChunkStore, Entry, digest_chunk_fd
 
 #: Data files kept open across reads (one descriptor per cached file).
 _FDS_KEPT = 256
@@ -184,6 +184,5 @@ class DataFiles:
 
 def _intact(data: DataFile, entry: Entry, index: int) -> bool:
     start, end = entry.layout.bounds(index)
-    if os.fstat(data.fd).st_size < end:
-        return False
-    return digest_fd(data.fd, end - start, start) == entry.digests.get(index)
+    found = digest_chunk_fd(data.fd, start, end - start)
+    return found is not None and found == entry.digests.get(index)

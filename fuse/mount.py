@@ -268,8 +268,8 @@ class Mount:
         self.view.passthrough = passthrough.Passthrough(mfusepy)
         self.passthrough = True
         if conn.capable & passthrough.FUSE_CAP_DIRECT_IO_ALLOW_MMAP:
-            # Cold opens can then be direct_io (one copy of a model in page cache, not two)
-            # and still be mmapped, as safetensors does.
+            # Opens not passed through can then be direct_io (one copy of a model in page
+            # cache, not two) and still be mmapped, as safetensors does.
             conn.want |= passthrough.FUSE_CAP_DIRECT_IO_ALLOW_MMAP
             self.view.direct_mmap = True
 

@@ -19,10 +19,11 @@ How it is asked for from mfusepy's high-level API (the binding has no helper for
 * the id is closed (``FUSE_DEV_IOC_BACKING_CLOSE``) when the last file opened with it is
   released; the kernel keeps its own reference to the backing file while any is open.
 
-The kernel's rule per inode: every open of an inode open in passthrough mode must pass
-through to the same backing file, and a passthrough open is refused while the inode is
-open with the page cache (cached I/O). Opens with ``direct_io`` are exempt from both;
-:mod:`.view` keeps to that.
+The kernel's rules per inode (Linux 6.18, fs/fuse/iomode.c): while an inode is open in
+passthrough mode, every open of it must pass through to the same backing file (any other
+open, ``direct_io`` included, fails with EIO); and a passthrough open is refused while the
+inode is open with the page cache (a cached open, or an mmap of a ``direct_io`` one).
+:mod:`.view` keeps to both.
 
 This module does not import mfusepy; :mod:`.mount` hands it the loaded binding.
 """
