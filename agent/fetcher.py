@@ -173,8 +173,10 @@ class Fetcher:
                 return _NOT_YET
             start, end = f.entry.layout.bounds(index)
             view = memoryview(buf)[: end - start]
+            if torrent is None or swarm is None:
+                return await self._to_store(f, index, view)
             await self.origin.read_into(f.info, start, view)
-            if torrent is None or swarm is None or swarm.torrent(f.entry.key) is not torrent:
+            if swarm.torrent(f.entry.key) is not torrent:
                 return await self._store(f, index, view)
             # Copied out so the slot's buffer goes back to the next origin read now, not
             # after libtorrent has hashed and written the piece.
@@ -188,15 +190,61 @@ class Fetcher:
                 "uri": f.info.uri, "chunk": index, "error": str(e)})
             return piece
 
+    async def _to_store(self, f: OpenFile, index: int, view: memoryview) -> bytes | None:
+        """Chunk ``index`` from the origin into the cache; bytes if the cache could not take it.
+
+        Where the origin can, the chunk lands in the data file straight from the socket
+        (:meth:`Origin.land`); otherwise it is read into ``view`` and written from there.
+        """
+        if not self.origin.can_land:
+            await self.origin.read_into(f.info, f.entry.offset(index), view)
+            return await self._store(f, index, view)
+        opening = asyncio.ensure_future(asyncio.to_thread(self.store.open_landing, f.entry, index))
+        try:
+            landing = await asyncio.shield(opening)
+        except CacheError as e:
+            return await self._uncached(f, index, view, e)
+        except asyncio.CancelledError:
+            # The thread runs on: what it opens must still be closed, or its room stays held.
+            await asyncio.wait([opening])
+            if not opening.cancelled() and opening.exception() is None:
+                self.store.abandon_landing(opening.result())
+            raise
+        try:
+            await self.origin.land(f.info, landing.offset, view, landing.fd, landing.offset)
+        except BaseException as e:
+            self.store.abandon_landing(landing, e)
+            if isinstance(e, CacheError):
+                return await self._uncached(f, index, view, e)
+            raise
+        try:
+            await finish_in_thread(asyncio.to_thread(self.store.commit_landing, landing))
+            return None
+        except CorruptData:
+            raise self._changed_under_etag(f, index) from None
+        except CacheError as e:
+            return await self._uncached(f, index, view, e)
+
+    async def _uncached(self, f: OpenFile, index: int, view: memoryview, error: Exception) -> bytes:
+        """The chunk from the origin into memory only: the cache disk failed (``error``)."""
+        log.warning("cache write failed; serving from memory", extra={
+            "uri": f.info.uri, "chunk": index, "error": str(error)})
+        await self.origin.read_into(f.info, f.entry.offset(index), view)
+        return await asyncio.to_thread(bytes, view)
+
+    @staticmethod
+    def _changed_under_etag(f: OpenFile, index: int) -> ObjectChanged:
+        # Same ETag, different bytes than we verified before: the origin broke its
+        # own contract. Refuse to guess which version is right.
+        return ObjectChanged(f"{f.info.uri}: chunk {index} changed at the origin under the "
+                             f"same ETag {f.info.etag}; open it again")
+
     async def _store(self, f: OpenFile, index: int, view: memoryview) -> bytes | None:
         try:
             await finish_in_thread(asyncio.to_thread(self.store.write_chunk, f.entry, index, view))
             return None
         except CorruptData:
-            # Same ETag, different bytes than we verified before: the origin broke its
-            # own contract. Refuse to guess which version is right.
-            raise ObjectChanged(f"{f.info.uri}: chunk {index} changed at the origin under the "
-                                f"same ETag {f.info.etag}; open it again") from None
+            raise self._changed_under_etag(f, index) from None
         except CacheError as e:
             log.warning("cache write failed; serving from memory", extra={
                 "uri": f.info.uri, "chunk": index, "error": str(e)})

@@ -20,8 +20,8 @@ file to the kernel whole (passthrough: the kernel reads ``data`` itself), the lo
 it, and P2P is a single-file torrent over it (one piece per chunk) — everyone reads the
 very same bytes, never a second copy.
 
-A chunk is written in place (``pwrite`` at its offset) and only then recorded in the
-journal, so a crash leaves a chunk either journaled or not: bytes in ``data`` that no
+A chunk is written in place (``pwrite`` at its offset, or spliced there from the origin's
+socket through a :class:`Landing`) and only then recorded in the journal, so a crash leaves a chunk either journaled or not: bytes in ``data`` that no
 journal line vouches for are never served (and are overwritten when the chunk is fetched
 again). A dropped chunk's bytes are punched out of ``data`` (a hole: the space comes back).
 
@@ -101,14 +101,20 @@ def digest_chunk_fd(fd: int, offset: int, length: int) -> str | None:
     """
     if os.fstat(fd).st_size < offset + length:
         return None
+    with _mapped(fd, offset, length) as chunk:
+        return digest(chunk)
+
+
+@contextlib.contextmanager
+def _mapped(fd: int, offset: int, length: int) -> Iterator[memoryview | bytes]:
+    """Bytes ``[offset, offset+length)`` of ``fd`` as a read-only mapping (no copy)."""
     if length == 0:
-        return digest(b"")
+        yield b""
+        return
     skew = offset % mmap.ALLOCATIONGRANULARITY  # a map starts on a page; a chunk need not
     with mmap.mmap(fd, length + skew, access=mmap.ACCESS_READ, offset=offset - skew) as m:
-        if not skew:
-            return digest(m)
         with memoryview(m) as whole, whole[skew:] as part:
-            return digest(part)
+            yield part
 
 
 def _digest_chunk(path: Path, offset: int, length: int) -> str | None:
@@ -189,6 +195,22 @@ class Entry:
         return Manifest(self.identity, self.chunk_size,
                         [self.digests.get(i) for i in range(count)],
                         [self.sha1s.get(i) for i in range(count)])
+
+
+@dataclass
+class Landing:
+    """Room held for one chunk, and its entry's data file open to take the chunk in place.
+
+    Whoever fills ``fd`` at ``offset`` (the S3 data plane splices a body straight into it)
+    hands it back with :meth:`ChunkStore.commit_landing` or :meth:`ChunkStore.abandon_landing`.
+    """
+
+    entry: Entry
+    index: int
+    fd: int
+    offset: int
+    length: int
+    reserved: int  # bytes of room held (0 when the chunk was already present)
 
 
 @dataclass(frozen=True)
@@ -488,6 +510,81 @@ class ChunkStore:
             self._mark_present(entry, index, chunk_digest, sha1)
         return chunk_digest
 
+    def open_landing(self, entry: Entry, index: int) -> Landing:
+        """Make room for chunk ``index`` and open the data file for it to be written in place.
+
+        Raises :class:`CacheFull` / :class:`CacheError` like :meth:`write_chunk`; then
+        nothing is held.
+        """
+        length = entry.layout.length(index)
+        reserved = 0 if index in entry.present else length
+        if reserved:
+            self._make_room(reserved, entry)
+        try:
+            fd = self._open_data(entry)
+        except OSError as e:
+            self._release_room(reserved)
+            raise self._write_error(e, entry) from e
+        return Landing(entry, index, fd, entry.offset(index), length, reserved)
+
+    def commit_landing(self, landing: Landing) -> str:
+        """Journal a chunk whose bytes landed in the data file; returns its digest.
+
+        The bytes are hashed where they lie (page cache: just written). Raises
+        :class:`CorruptData` if they disagree with a digest verified before (their
+        blocks are then given back), :class:`CacheError` if the disk fails. The landing
+        is closed either way.
+        """
+        entry, index = landing.entry, landing.index
+        try:
+            try:
+                chunk_digest, sha1 = self._hash_landed(landing)
+                _note_own_write(entry, os.fstat(landing.fd))
+            except OSError as e:
+                raise self._write_error(e, entry) from e
+            known = entry.digests.get(index)
+            if known is not None and known != chunk_digest:
+                self._discard_landed(landing)
+                raise CorruptData(f"chunk {index} of {entry.identity.uri} arrived with different "
+                                  "bytes than before (digest mismatch)")
+            try:
+                self._journal(entry, index, chunk_digest, sha1)
+            except OSError as e:
+                raise self._write_error(e, entry) from e
+            self._mark_present(entry, index, chunk_digest, sha1)
+            return chunk_digest
+        finally:
+            self._close_landing(landing)
+
+    def abandon_landing(self, landing: Landing, error: BaseException | None = None) -> None:
+        """Close a landing whose chunk did not arrive; a disk error behind ``error`` is counted.
+
+        Whatever part of the chunk was written stays unjournaled: never served, and
+        overwritten when the chunk is fetched again.
+        """
+        cause = error.__cause__ if isinstance(error, CacheError) else None
+        if isinstance(cause, OSError):
+            self._count_write_error(cause)
+        self._close_landing(landing)
+
+    def _discard_landed(self, landing: Landing) -> None:
+        if landing.index in landing.entry.present:  # its old bytes were overwritten
+            self.drop_chunk(landing.entry, landing.index)
+        else:
+            with contextlib.suppress(OSError):
+                punch_hole(landing.fd, landing.offset, landing.length)
+
+    def _hash_landed(self, landing: Landing) -> tuple[str, str | None]:
+        want_sha1 = self.piece_hashes and landing.index not in landing.entry.sha1s
+        with _mapped(landing.fd, landing.offset, landing.length) as chunk:
+            return digest(chunk), hashlib.sha1(chunk).hexdigest() if want_sha1 else None
+
+    def _close_landing(self, landing: Landing) -> None:
+        if landing.fd >= 0:
+            os.close(landing.fd)
+            landing.fd = -1
+            self._release_room(landing.reserved)
+
     def adopt_chunk(self, entry: Entry, index: int, sha1: str, expected: str | None = None) -> str:
         """Take in chunk ``index`` that libtorrent wrote in place and checked against ``sha1``.
 
@@ -581,11 +678,21 @@ class ChunkStore:
         return manifest
 
     @staticmethod
-    def _pwrite(entry: Entry, offset: int, data: memoryview) -> None:
-        fd = os.open(entry.data_path, os.O_WRONLY | os.O_CREAT, 0o644)
+    def _open_data(entry: Entry) -> int:
+        """The entry's data file, open for reading and writing at its full size."""
+        fd = os.open(entry.data_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if os.fstat(fd).st_size != entry.identity.size:  # recreated: it is every chunk's home
                 os.ftruncate(fd, entry.identity.size)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    @classmethod
+    def _pwrite(cls, entry: Entry, offset: int, data: memoryview) -> None:
+        fd = cls._open_data(entry)
+        try:
             written = 0
             while written < len(data):
                 written += os.pwrite(fd, data[written:], offset + written)
@@ -646,8 +753,11 @@ class ChunkStore:
         try:
             yield
         finally:
-            with self._lock:
-                self._reserved -= nbytes
+            self._release_room(nbytes)
+
+    def _release_room(self, nbytes: int) -> None:
+        with self._lock:
+            self._reserved -= nbytes
 
     def _make_room(self, nbytes: int, for_entry: Entry) -> None:
         """Evict until ``nbytes`` more fit, and reserve them; CacheFull if they cannot."""

@@ -6,6 +6,7 @@ reader still got exactly the origin's bytes.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -168,6 +169,37 @@ def test_full_cache_disk_still_serves_correct_bytes(bucket, s3_client, make_agen
     assert "could not be cached" in result.stderr and "cache full" in result.stderr
 
 
+def test_a_data_file_whose_disk_fills_mid_chunk_still_serves_correct_bytes(
+        bucket, s3_client, make_agent, make_tmpfs, tmp_path):
+    """The store's free-space check passes (the cache dir's disk is large), but the data file
+    sits on a 1 MiB filesystem: every chunk's landing fails part-way with ENOSPC. Each chunk
+    is then fetched again into memory and served from there."""
+    from coldbrew.agent.manifest import FileIdentity
+    from coldbrew.agent.store import LAYOUT_VERSION
+
+    size = 6 * MiB + 7
+    data = put_random(s3_client, bucket, "m/midfull.bin", size, 14)
+    uri = f"s3://{bucket}/m/midfull.bin"
+    etag = s3_client.head_object(Bucket=bucket, Key="m/midfull.bin")["ETag"]
+    cache_dir = tmp_path / "cache"
+    key = FileIdentity(uri, etag, size).key()
+    entry_dir = cache_dir / LAYOUT_VERSION / "files" / key[:2] / key
+    entry_dir.parent.mkdir(parents=True)
+    small = make_tmpfs("1m")
+    entry_dir.symlink_to(small)  # the entry's files (its data file) land on the small disk
+    agent = make_agent(f"s3://{bucket}", cache_dir=cache_dir,
+                       extra_args=["--chunk-size", "2MiB", "--cache-reserve", "0"])
+    dest = tmp_path / "midfull.bin"
+    agent.cli("get", uri, str(dest), "--quiet", check=True)
+    assert dest.read_bytes() == data
+    assert (small / "data").exists(), "the chunks were headed for the small disk"
+    assert "cannot write to the cache disk: No space left on device" in agent.log()
+    assert agent.metric("coldbrew_cache_write_errors_total", reason="full") >= 3
+    assert agent.metric("coldbrew_cache_bytes") == 0
+    assert agent.metric("coldbrew_origin_requests_total", op="get", outcome="ok") >= 6, \
+        "each chunk was fetched twice: into the file, then into memory"
+
+
 def test_object_replaced_between_reads_is_never_mixed(bucket, s3_client, make_agent, tmp_path):
     v1 = put_random(s3_client, bucket, "m/v.bin", 3 * MiB + 5, 21)
     agent = make_agent(f"s3://{bucket}", extra_args=["--chunk-size", "1MiB"])
@@ -223,4 +255,122 @@ def test_range_reads_reuse_connections_and_never_a_cut_one(bucket, s3_client, s3
         assert buf == data[MiB:2 * MiB], "the next GET got its own bytes, on a new connection"
         assert proxy.counts["connections"] == 2
     finally:
+        reader.close()
+
+
+def _range_reader(s3, proxy, monkeypatch):
+    from coldbrew.agent.config import OriginSettings
+    from coldbrew.agent.s3data import S3RangeReader
+
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    return S3RangeReader(OriginSettings(
+        url="s3://unused", endpoint_url=proxy.url, region="us-east-1", anonymous=False,
+        fetch_concurrency=1, retry_attempts=1, retry_base_delay_s=0.01, retry_max_delay_s=0.01,
+        connect_timeout_s=5, read_timeout_s=5))
+
+
+def _data_file(path, size):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def test_bodies_land_in_the_file_by_splice_on_reused_connections(bucket, s3_client, s3, proxy,
+                                                                 monkeypatch, tmp_path):
+    """Over plain HTTP a body goes socket -> pipe -> file; the connection is reused after a
+    whole body and never after a cut one; a cut body's bytes never leak into the next."""
+    data = put_random(s3_client, bucket, "m/land.bin", 3 * MiB, 32)
+    etag = s3_client.head_object(Bucket=bucket, Key="m/land.bin")["ETag"]
+    reader = _range_reader(s3, proxy, monkeypatch)
+    scratch = bytearray(MiB)
+    fd = _data_file(tmp_path / "data", 3 * MiB)
+    try:
+        proxy.reset_counts()
+        for i in (2, 0, 1):
+            got = reader.land(bucket, "m/land.bin", i * MiB, memoryview(scratch), etag, fd, i * MiB)
+            assert got == (MiB, etag)
+        assert os.pread(fd, 3 * MiB, 0) == data
+        assert reader._local.pipe is not None, "the bodies were spliced, not read into memory"
+        assert scratch == bytes(MiB), "nothing went through the scratch buffer"
+        assert proxy.counts["connections"] == 1, "one kept-alive connection for three GETs"
+
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, 3 * MiB)
+        proxy.add_fault(Fault.truncate(5000), method="GET", ranged_only=True, count=1)
+        got, _ = reader.land(bucket, "m/land.bin", 0, memoryview(scratch), etag, fd, 0)
+        assert got == 5000 and proxy.counts["fired"]["truncate"] == 1
+        assert reader.land(bucket, "m/land.bin", MiB, memoryview(scratch), etag, fd, MiB)[0] == MiB
+        assert os.pread(fd, MiB, MiB) == data[MiB:2 * MiB], "the next GET got its own bytes"
+        assert os.pread(fd, 5000, 0) == data[:5000]
+        assert proxy.counts["connections"] == 2
+    finally:
+        os.close(fd)
+        reader.close()
+
+
+def test_a_full_disk_under_a_landing_is_a_cache_error_and_the_next_body_is_clean(
+        bucket, s3_client, s3, proxy, monkeypatch, make_tmpfs, tmp_path):
+    from coldbrew.agent.errors import CacheError
+
+    data = put_random(s3_client, bucket, "m/full.bin", 4 * MiB, 33)
+    etag = s3_client.head_object(Bucket=bucket, Key="m/full.bin")["ETag"]
+    reader = _range_reader(s3, proxy, monkeypatch)
+    scratch = memoryview(bytearray(4 * MiB))
+    full = _data_file(make_tmpfs("1m") / "data", 4 * MiB)  # sparse: its blocks are not there
+    fd = _data_file(tmp_path / "data", 4 * MiB)
+    try:
+        with pytest.raises(CacheError, match="cannot write to the cache disk: No space left"):
+            reader.land(bucket, "m/full.bin", 0, scratch, etag, full, 0)
+        assert reader.land(bucket, "m/full.bin", 0, scratch, etag, fd, 0)[0] == 4 * MiB
+        assert os.pread(fd, 4 * MiB, 0) == data, "no byte of the failed body in the pipe or socket"
+    finally:
+        os.close(full)
+        os.close(fd)
+        reader.close()
+
+
+def test_a_file_that_refuses_splice_falls_back_to_memory_for_good(bucket, s3_client, s3, proxy,
+                                                                  monkeypatch, tmp_path, caplog):
+    from coldbrew.agent.errors import CacheError
+
+    data = put_random(s3_client, bucket, "m/append.bin", 2 * MiB, 34)
+    etag = s3_client.head_object(Bucket=bucket, Key="m/append.bin")["ETag"]
+    reader = _range_reader(s3, proxy, monkeypatch)
+    scratch = memoryview(bytearray(2 * MiB))
+    refuses = os.open(tmp_path / "append", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = _data_file(tmp_path / "data", 2 * MiB)
+    try:
+        with pytest.raises(CacheError):  # splice(2) into an O_APPEND file: EINVAL
+            reader.land(bucket, "m/append.bin", 0, scratch, etag, refuses, 0)
+        assert "does not take splice" in caplog.text
+        assert reader.land(bucket, "m/append.bin", 0, scratch, etag, fd, 0)[0] == 2 * MiB
+        assert os.pread(fd, 2 * MiB, 0) == data
+        assert scratch == data, "read through memory now"
+    finally:
+        os.close(refuses)
+        os.close(fd)
+        reader.close()
+
+
+def test_a_body_that_cannot_be_spliced_lands_through_memory(bucket, s3_client, s3, proxy,
+                                                            monkeypatch, tmp_path):
+    """TLS (or a chunked body) cannot be spliced: the same bytes land through the buffer."""
+    from coldbrew.agent import s3data
+
+    data = put_random(s3_client, bucket, "m/tls.bin", 2 * MiB + 5, 35)
+    etag = s3_client.head_object(Bucket=bucket, Key="m/tls.bin")["ETag"]
+    reader = _range_reader(s3, proxy, monkeypatch)
+    monkeypatch.setattr(s3data, "_plain_socket", lambda fp, want: None)
+    scratch = memoryview(bytearray(2 * MiB + 5))
+    fd = _data_file(tmp_path / "data", 2 * MiB + 5)
+    try:
+        proxy.reset_counts()
+        for _ in range(2):
+            assert reader.land(bucket, "m/tls.bin", 0, scratch, etag, fd, 0)[0] == 2 * MiB + 5
+        assert os.pread(fd, 2 * MiB + 5, 0) == data and scratch == data
+        assert getattr(reader._local, "pipe", None) is None
+        assert proxy.counts["connections"] == 1
+    finally:
+        os.close(fd)
         reader.close()

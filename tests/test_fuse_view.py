@@ -37,6 +37,7 @@ class FakeOrigin:
     """Objects in a dict; counts what the view asked for."""
 
     root = "s3://b/models"
+    can_land = False  # bytes come through read_into, which this fake counts
 
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}

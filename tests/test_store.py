@@ -461,6 +461,82 @@ def test_known_digest_is_enforced_after_a_drop(make_store):
         journal + b"0 -\n" + b"0 " + digest(data[:CHUNK]).encode() + b"\n")
 
 
+# --- landings: chunks written into the data file by someone else (the S3 data plane) -------------
+
+
+def land(store: ChunkStore, entry: Entry, index: int, data: bytes) -> str:
+    """Write ``data`` through a landing as the data plane does (into the fd, at its offset)."""
+    landing = store.open_landing(entry, index)
+    os.pwrite(landing.fd, data, landing.offset)
+    return store.commit_landing(landing)
+
+
+def test_a_landed_chunk_is_hashed_where_it_lies_and_journaled(make_store):
+    store = make_store()
+    entry = store.entry(ident())
+    data = blob(entry.identity.size)
+    for i in range(entry.layout.count):
+        start, end = entry.layout.bounds(i)
+        assert land(store, entry, i, data[start:end]) == digest(data[start:end])
+    assert entry.complete and store.used_bytes == len(data)
+    assert entry.data_path.read_bytes() == data
+    store = reopen(store, make_store)  # the journal vouches for them after a restart
+    again = store.entry(ident())
+    assert again.complete and store.read_verified(again, 2) == data[2 * CHUNK:]
+
+
+def test_a_landing_with_bytes_differing_from_a_known_digest_is_corrupt_and_given_back(make_store):
+    store = make_store()
+    entry, data = fill(store, ident())
+    store.drop_chunk(entry, 0)
+    with pytest.raises(CorruptData, match="different bytes"):
+        land(store, entry, 0, blob(CHUNK, 99))
+    assert not store.has(entry, 0)
+    assert entry.data_path.read_bytes()[:CHUNK] == bytes(CHUNK), "the wrong bytes were punched out"
+    assert store.used_bytes == len(data) - CHUNK
+    assert land(store, entry, 0, data[:CHUNK])  # the right bytes are welcome back
+    assert store.read_verified(entry, 0) == data[:CHUNK]
+
+
+def test_an_overwritten_present_chunk_that_lands_wrong_is_dropped(make_store):
+    store = make_store()
+    entry, data = fill(store, ident())
+    with pytest.raises(CorruptData):
+        land(store, entry, 1, blob(CHUNK, 99))
+    assert not store.has(entry, 1), "its old bytes are gone: the journal must not vouch for them"
+    assert store.has(entry, 0) and store.read_verified(entry, 0) == data[:CHUNK]
+
+
+def test_an_abandoned_landing_gives_its_room_back_and_counts_the_disk_error(make_store):
+    metrics = AgentMetrics()
+    store = make_store(limits=Limits(size_bytes=2 * CHUNK, reserve_bytes=0), metrics=metrics)
+    entry = store.entry(ident("a.bin", size=2 * CHUNK))
+    first = store.open_landing(entry, 0)
+    second = store.open_landing(entry, 1)
+    third = store.entry(ident("b.bin", size=CHUNK))
+    with pytest.raises(CacheFull):  # both chunks' room is held while they land
+        store.open_landing(third, 0)
+    failure = CacheError("cannot write to the cache disk: No space left on device")
+    failure.__cause__ = OSError(28, "No space left on device")
+    store.abandon_landing(first, failure)
+    store.abandon_landing(second)
+    assert metrics.value("coldbrew_cache_write_errors_total", reason="full") == 2  # 1 here, 1 above
+    assert not store.has(entry, 0) and store.used_bytes == 0
+    assert land(store, third, 0, blob(CHUNK))  # the room came back
+    assert store.has(third, 0)
+
+
+def test_a_landing_on_a_cache_that_cannot_make_room_holds_nothing(make_store):
+    store = make_store(limits=Limits(size_bytes=CHUNK, reserve_bytes=0))
+    a, _ = fill(store, ident("a.bin", size=CHUNK))
+    store.pin(a)
+    entry = store.entry(ident("b.bin", size=CHUNK))
+    with pytest.raises(CacheFull, match="is full"):
+        store.open_landing(entry, 0)
+    store.unpin(a)
+    assert land(store, entry, 0, blob(CHUNK)) and not a.complete  # a was evicted for it
+
+
 # --- the lock ------------------------------------------------------------------------------------------
 
 
