@@ -14,6 +14,7 @@ read-ahead that follows a reader through a file.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -193,8 +194,8 @@ class Fetcher:
     async def _to_store(self, f: OpenFile, index: int, view: memoryview) -> bytes | None:
         """Chunk ``index`` from the origin into the cache; bytes if the cache could not take it.
 
-        Where the origin can, the chunk lands in the data file straight from the socket
-        (:meth:`Origin.land`); otherwise it is read into ``view`` and written from there.
+        Where the origin can, the chunk lands in the data file piece by piece as it arrives
+        (:meth:`Origin.land`); otherwise it is read into ``view`` whole and written from there.
         """
         if not self.origin.can_land:
             await self.origin.read_into(f.info, f.entry.offset(index), view)
@@ -211,9 +212,10 @@ class Fetcher:
                 self.store.abandon_landing(opening.result())
             raise
         try:
-            await self.origin.land(f.info, landing.offset, view, landing.fd, landing.offset)
+            await self.origin.land(f.info, landing.offset, view,
+                                   functools.partial(self.store.land_piece, landing))
         except BaseException as e:
-            self.store.abandon_landing(landing, e)
+            self.store.abandon_landing(landing)
             if isinstance(e, CacheError):
                 return await self._uncached(f, index, view, e)
             raise

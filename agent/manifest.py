@@ -24,6 +24,11 @@ def digest(data: bytes | bytearray | memoryview) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+def digester() -> "xxhash.xxh3_128":
+    """The chunk digest computed piece by piece: ``update()`` each, then ``hexdigest()``."""
+    return xxhash.xxh3_128()
+
+
 @dataclass(frozen=True)
 class FileIdentity:
     """Which bytes a cache entry holds. Equal identities ⇔ identical bytes."""

@@ -22,7 +22,7 @@ import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 
@@ -413,31 +413,30 @@ class Origin:
         """Whether :meth:`land` works here (the S3 data plane; other origins read into memory)."""
         return self.is_s3
 
-    async def land(self, obj: ObjectInfo, start: int, buf: memoryview, fd: int, offset: int) -> None:
-        """Bytes [start, start+len(buf)) of ``obj`` into file ``fd`` at ``offset``, retrying
-        transient faults; ``buf`` is scratch space (needed where the body cannot be spliced).
-
-        Raises :class:`CacheError` when the file cannot be written (not retried: the
-        origin did nothing wrong).
+    async def land(self, obj: ObjectInfo, start: int, buf: memoryview,
+                   write: Callable[[int, memoryview], None]) -> None:
+        """Bytes [start, start+len(buf)) of ``obj``, handed to ``write(pos, piece)`` piece by
+        piece as they arrive (``buf`` holds each piece in between), retrying transient faults;
+        a retry starts again at ``pos`` 0. What ``write`` raises is not retried.
         """
         end = start + len(buf)
         if not self.is_s3:
-            raise UsageError(f"{obj.uri}: landing in a file needs an S3 origin")
+            raise UsageError(f"{obj.uri}: landing needs an S3 origin")
         if not 0 <= start <= end <= obj.size:
             raise UsageError(f"{obj.uri}: range {start}-{end} outside 0-{obj.size}")
-        await self._call("get", obj.uri, self._read_s3, obj, start, buf, (fd, offset),
+        await self._call("get", obj.uri, self._read_s3, obj, start, buf, write,
                          what=f"GET {obj.uri} bytes {start}-{end - 1}")
         if self.metrics:
             self.metrics.origin_bytes.inc(len(buf))
 
     async def _read_s3(self, obj: ObjectInfo, start: int, buf: memoryview,
-                       into_file: tuple[int, int] | None = None) -> None:
+                       write: Callable[[int, memoryview], None] | None = None) -> None:
         bucket, key = self._bucket_key(obj.uri)
         loop = asyncio.get_running_loop()
-        if into_file is None:
+        if write is None:
             call = functools.partial(self._data.read_into, bucket, key, start, buf, obj.etag)
         else:
-            call = functools.partial(self._data.land, bucket, key, start, buf, obj.etag, *into_file)
+            call = functools.partial(self._data.land, bucket, key, start, buf, obj.etag, write)
         filled, etag = await finish_in_thread(loop.run_in_executor(self._data_pool, call))
         if etag != obj.etag:
             raise ObjectChanged(f"{obj.uri} changed at the origin (ETag {obj.etag} → "

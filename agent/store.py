@@ -20,8 +20,8 @@ file to the kernel whole (passthrough: the kernel reads ``data`` itself), the lo
 it, and P2P is a single-file torrent over it (one piece per chunk) — everyone reads the
 very same bytes, never a second copy.
 
-A chunk is written in place (``pwrite`` at its offset, or spliced there from the origin's
-socket through a :class:`Landing`) and only then recorded in the journal, so a crash leaves a chunk either journaled or not: bytes in ``data`` that no
+A chunk is written in place (``pwrite`` at its offset; from the origin, piece by piece as
+it arrives, through a :class:`Landing`) and only then recorded in the journal, so a crash leaves a chunk either journaled or not: bytes in ``data`` that no
 journal line vouches for are never served (and are overwritten when the chunk is fetched
 again). A dropped chunk's bytes are punched out of ``data`` (a hole: the space comes back).
 
@@ -54,12 +54,12 @@ import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from . import eviction
-from .errors import CacheError, CacheFull, CorruptData, FileBusy
-from .manifest import (ChunkLayout, FileIdentity, Manifest, digest, drop_line, journal_line,
-                       parse_journal, replay_journal)
+from .errors import CacheError, CacheFull, CorruptData, FileBusy, UsageError
+from .manifest import (ChunkLayout, FileIdentity, Manifest, digest, digester, drop_line,
+                       journal_line, parse_journal, replay_journal)
 from .metrics import AgentMetrics
 
 log = logging.getLogger("coldbrew.store")
@@ -101,20 +101,14 @@ def digest_chunk_fd(fd: int, offset: int, length: int) -> str | None:
     """
     if os.fstat(fd).st_size < offset + length:
         return None
-    with _mapped(fd, offset, length) as chunk:
-        return digest(chunk)
-
-
-@contextlib.contextmanager
-def _mapped(fd: int, offset: int, length: int) -> Iterator[memoryview | bytes]:
-    """Bytes ``[offset, offset+length)`` of ``fd`` as a read-only mapping (no copy)."""
     if length == 0:
-        yield b""
-        return
+        return digest(b"")
     skew = offset % mmap.ALLOCATIONGRANULARITY  # a map starts on a page; a chunk need not
     with mmap.mmap(fd, length + skew, access=mmap.ACCESS_READ, offset=offset - skew) as m:
+        if not skew:
+            return digest(m)
         with memoryview(m) as whole, whole[skew:] as part:
-            yield part
+            return digest(part)
 
 
 def _digest_chunk(path: Path, offset: int, length: int) -> str | None:
@@ -199,10 +193,10 @@ class Entry:
 
 @dataclass
 class Landing:
-    """Room held for one chunk, and its entry's data file open to take the chunk in place.
+    """Room held for one chunk, and its entry's data file open to take the chunk in place,
+    piece by piece as it arrives (:meth:`ChunkStore.land_piece`), hashed on the way.
 
-    Whoever fills ``fd`` at ``offset`` (the S3 data plane splices a body straight into it)
-    hands it back with :meth:`ChunkStore.commit_landing` or :meth:`ChunkStore.abandon_landing`.
+    Handed back with :meth:`ChunkStore.commit_landing` or :meth:`ChunkStore.abandon_landing`.
     """
 
     entry: Entry
@@ -211,6 +205,9 @@ class Landing:
     offset: int
     length: int
     reserved: int  # bytes of room held (0 when the chunk was already present)
+    received: int = 0  # bytes written so far, from the chunk's start
+    hasher: Any = None  # the chunk digest of those bytes, so far
+    sha1: Any = None  # and their piece hash, where one is wanted (P2P)
 
 
 @dataclass(frozen=True)
@@ -527,21 +524,40 @@ class ChunkStore:
             raise self._write_error(e, entry) from e
         return Landing(entry, index, fd, entry.offset(index), length, reserved)
 
-    def commit_landing(self, landing: Landing) -> str:
-        """Journal a chunk whose bytes landed in the data file; returns its digest.
+    def land_piece(self, landing: Landing, pos: int, piece: memoryview) -> None:
+        """Write bytes at ``pos`` of the landing chunk. Pieces come in order; one at ``pos`` 0
+        starts the chunk again (the origin was retried). Raises like :meth:`write_chunk`."""
+        if pos == 0:
+            landing.received, landing.hasher = 0, digester()
+            landing.sha1 = (hashlib.sha1() if self.piece_hashes
+                            and landing.index not in landing.entry.sha1s else None)
+        if pos != landing.received or pos + len(piece) > landing.length:
+            raise UsageError(f"chunk {landing.index} of {landing.entry.identity.uri}: piece at "
+                             f"{pos} (+{len(piece)}) after {landing.received} of {landing.length} bytes")
+        try:
+            written = 0
+            while written < len(piece):
+                written += os.pwrite(landing.fd, piece[written:], landing.offset + pos + written)
+        except OSError as e:
+            raise self._write_error(e, landing.entry) from e
+        landing.hasher.update(piece)
+        if landing.sha1 is not None:
+            landing.sha1.update(piece)
+        landing.received += len(piece)
 
-        The bytes are hashed where they lie (page cache: just written). Raises
-        :class:`CorruptData` if they disagree with a digest verified before (their
-        blocks are then given back), :class:`CacheError` if the disk fails. The landing
-        is closed either way.
+    def commit_landing(self, landing: Landing) -> str:
+        """Journal a chunk that landed whole; returns its digest. The landing is closed.
+
+        Raises :class:`CorruptData` if its bytes disagree with a digest verified before
+        (their blocks are then given back), :class:`CacheError` if the disk fails.
         """
         entry, index = landing.entry, landing.index
         try:
-            try:
-                chunk_digest, sha1 = self._hash_landed(landing)
-                _note_own_write(entry, os.fstat(landing.fd))
-            except OSError as e:
-                raise self._write_error(e, entry) from e
+            if landing.hasher is None or landing.received != landing.length:
+                raise CorruptData(f"chunk {index} of {entry.identity.uri}: {landing.received} of "
+                                  f"{landing.length} bytes landed")
+            chunk_digest = landing.hasher.hexdigest()
+            sha1 = landing.sha1.hexdigest() if landing.sha1 is not None else None
             known = entry.digests.get(index)
             if known is not None and known != chunk_digest:
                 self._discard_landed(landing)
@@ -549,6 +565,7 @@ class ChunkStore:
                                   "bytes than before (digest mismatch)")
             try:
                 self._journal(entry, index, chunk_digest, sha1)
+                _note_own_write(entry, os.fstat(landing.fd))
             except OSError as e:
                 raise self._write_error(e, entry) from e
             self._mark_present(entry, index, chunk_digest, sha1)
@@ -556,15 +573,9 @@ class ChunkStore:
         finally:
             self._close_landing(landing)
 
-    def abandon_landing(self, landing: Landing, error: BaseException | None = None) -> None:
-        """Close a landing whose chunk did not arrive; a disk error behind ``error`` is counted.
-
-        Whatever part of the chunk was written stays unjournaled: never served, and
-        overwritten when the chunk is fetched again.
-        """
-        cause = error.__cause__ if isinstance(error, CacheError) else None
-        if isinstance(cause, OSError):
-            self._count_write_error(cause)
+    def abandon_landing(self, landing: Landing) -> None:
+        """Close a landing whose chunk did not arrive whole. What part of it was written stays
+        unjournaled: never served, and overwritten when the chunk is fetched again."""
         self._close_landing(landing)
 
     def _discard_landed(self, landing: Landing) -> None:
@@ -573,11 +584,6 @@ class ChunkStore:
         else:
             with contextlib.suppress(OSError):
                 punch_hole(landing.fd, landing.offset, landing.length)
-
-    def _hash_landed(self, landing: Landing) -> tuple[str, str | None]:
-        want_sha1 = self.piece_hashes and landing.index not in landing.entry.sha1s
-        with _mapped(landing.fd, landing.offset, landing.length) as chunk:
-            return digest(chunk), hashlib.sha1(chunk).hexdigest() if want_sha1 else None
 
     def _close_landing(self, landing: Landing) -> None:
         if landing.fd >= 0:

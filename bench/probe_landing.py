@@ -1,21 +1,25 @@
 """Probe: can any plain downloader that lands its bytes on disk keep up with one that doesn't?
 
-    python bench/probe_landing.py [--size 1GiB] [--runs 3] [--modes mem,pwrite,splice,direct]
+    python bench/probe_landing.py [--size 1GiB] [--runs 3] [--modes mem,pwrite,stream,splice]
 
 (run from the repository root with the project's venv, as root: it drops the page cache)
 
 The agent's bar (c) >= 0.9x (b) compares a prewarm, which puts every byte on disk,
 with (b), a ranged-GET download into reused memory. This probe runs the same plain
-boto3-thread downloader (8 x 16 MiB ranges, as in bench_agent.py) four ways,
+boto3-thread downloader (8 x 16 MiB ranges, as in bench_agent.py) in several ways,
 interleaved, each in a fresh process, on one local S3 server:
 
 * ``mem``: ranges read into reused buffers and dropped: bench_agent's (b);
-* ``pwrite``: as ``mem``, plus xxh3 of each range and ``pwrite`` into one data file
-  (what the agent's store does);
+* ``pwrite``: as ``mem``, plus xxh3 of each range and one ``pwrite`` of it into one data
+  file (what the agent did until session 7);
 * ``splice``: socket -> pipe -> data file with ``splice(2)`` (no copy through user
-  memory), then xxh3 over the file's pages through a read-only mmap;
-* ``direct``: as ``pwrite``, with the data file opened ``O_DIRECT`` (no page cache);
+  memory; plain HTTP only), then xxh3 over the file's pages through a read-only mmap;
+* ``direct`` (not by default): as ``pwrite``, with the data file opened ``O_DIRECT``
+  (no page cache);
 * ``pwrite1`` (not by default): as ``pwrite``, one thread writing at a time;
+* ``stream``: each body read 1 MiB at a time into the start of the buffer, hashed
+  incrementally and written before the next piece is read (the copy into the page cache
+  then reads bytes still in the CPU's cache): what the agent does;
 * ``mmap`` (not by default): the data file's range mapped, faulted in for writing
   (``MADV_POPULATE_WRITE``) and the body read straight into the mapping.
 
@@ -34,6 +38,7 @@ import json
 import mmap
 import os
 import resource
+import select
 import shutil
 import subprocess
 import sys
@@ -47,8 +52,11 @@ import _common as C
 
 BUCKET, KEY = "probe-landing", "object.bin"
 CONCURRENCY, CHUNK = 8, 16 * C.MiB
-MODES = ("mem", "pwrite", "pwrite1", "splice", "direct", "mmap")
-DEFAULT_MODES = "mem,pwrite,splice,direct"
+MODES = ("mem", "pwrite", "pwrite1", "stream", "splice", "direct", "mmap")
+DEFAULT_MODES = "mem,pwrite,stream,splice"
+STREAM_PIECE = 1 * C.MiB  # as the agent's (agent/s3data.py)
+PIPE_BYTES = 1 * C.MiB
+_F_SETPIPE_SZ = 1031
 _MADV_POPULATE_WRITE = 23  # Linux 5.14: fault a range in for writing in one call
 
 
@@ -67,12 +75,34 @@ def _read_into(http_resp: Any, view: memoryview) -> int:
     return got
 
 
+def _splice_body(http_resp: Any, fd: int, start: int, want: int, pipe: tuple[int, int]) -> int:
+    """The body's bytes into ``fd`` at ``start``: what http.client buffered, then splice."""
+    buffered = http_resp.fp
+    head = buffered.read(len(buffered.peek(1)[:want]))
+    os.pwrite(fd, head, start)
+    got, sock_fd = len(head), buffered.raw._sock.fileno()
+    while got < want:
+        try:  # the socket has a timeout, so its fd is non-blocking
+            n = os.splice(sock_fd, pipe[1], min(PIPE_BYTES, want - got))
+        except BlockingIOError:
+            select.select([sock_fd], [], [], 60)
+            continue
+        if not n:
+            break
+        moved = 0
+        while moved < n:
+            moved += os.splice(pipe[0], fd, n - moved, offset_dst=start + got + moved)
+        got += n
+    http_resp.length = 0
+    http_resp.read()  # body consumed: http.client may reuse the connection
+    return got
+
+
 def worker(mode: str, out: str, scratch: str, size: int) -> None:
     import boto3
     import xxhash
     from botocore.config import Config
 
-    from coldbrew.agent import s3data
 
     s3 = boto3.client("s3", config=Config(max_pool_connections=2 * CONCURRENCY,
                                           response_checksum_validation="when_required"))
@@ -100,11 +130,19 @@ def worker(mode: str, out: str, scratch: str, size: int) -> None:
                 got = _read_into(raw._fp, mv)
                 xxhash.xxh3_64_intdigest(mv[:got])
                 mv.release()
-        elif mode == "splice":  # the agent's own code (S3RangeReader.land)
-            sock = s3data._plain_socket(raw._fp, end - start)
-            if sock is None:
-                raise RuntimeError("the body cannot be spliced (not plain HTTP with a length)")
-            got = s3data._splice_body(raw._fp, sock, fd, start, end - start, pipe)
+        elif mode == "stream":
+            hasher, got, small = xxhash.xxh3_128(), 0, view[:STREAM_PIECE]
+            while got < end - start:
+                n = _read_into(raw._fp, small[: min(STREAM_PIECE, end - start - got)])
+                if not n:
+                    break
+                hasher.update(small[:n])
+                done = 0
+                while done < n:
+                    done += os.pwrite(fd, small[done:n], start + got + done)
+                got += n
+        elif mode == "splice":
+            got = _splice_body(raw._fp, fd, start, end - start, pipe)
             with mmap.mmap(fd, end - start, offset=start, prot=mmap.PROT_READ) as pages:
                 xxhash.xxh3_64_intdigest(pages)
         else:
@@ -121,7 +159,7 @@ def worker(mode: str, out: str, scratch: str, size: int) -> None:
 
     def work(i: int) -> None:
         pipe = os.pipe()
-        fcntl.fcntl(pipe[1], s3data._F_SETPIPE_SZ, s3data._PIPE_BYTES)  # as the agent's
+        fcntl.fcntl(pipe[1], _F_SETPIPE_SZ, PIPE_BYTES)
         try:
             while True:
                 with lock:

@@ -193,7 +193,7 @@ def test_a_data_file_whose_disk_fills_mid_chunk_still_serves_correct_bytes(
     agent.cli("get", uri, str(dest), "--quiet", check=True)
     assert dest.read_bytes() == data
     assert (small / "data").exists(), "the chunks were headed for the small disk"
-    assert "cannot write to the cache disk: No space left on device" in agent.log()
+    assert f"is full; serving {uri} from origin without caching" in agent.log()
     assert agent.metric("coldbrew_cache_write_errors_total", reason="full") >= 3
     assert agent.metric("coldbrew_cache_bytes") == 0
     assert agent.metric("coldbrew_origin_requests_total", op="get", outcome="ok") >= 6, \
@@ -270,107 +270,67 @@ def _range_reader(s3, proxy, monkeypatch):
         connect_timeout_s=5, read_timeout_s=5))
 
 
-def _data_file(path, size):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    os.ftruncate(fd, size)
-    return fd
+def test_land_hands_bodies_on_in_pieces_on_reused_connections(bucket, s3_client, s3, proxy,
+                                                              monkeypatch):
+    """A body goes on piece by piece, in order, through the head of the buffer; the connection
+    is reused after a whole body and never after a cut one."""
+    from coldbrew.agent import s3data
 
-
-def test_bodies_land_in_the_file_by_splice_on_reused_connections(bucket, s3_client, s3, proxy,
-                                                                 monkeypatch, tmp_path):
-    """Over plain HTTP a body goes socket -> pipe -> file; the connection is reused after a
-    whole body and never after a cut one; a cut body's bytes never leak into the next."""
-    data = put_random(s3_client, bucket, "m/land.bin", 3 * MiB, 32)
+    data = put_random(s3_client, bucket, "m/land.bin", 3 * MiB + 5, 32)
     etag = s3_client.head_object(Bucket=bucket, Key="m/land.bin")["ETag"]
     reader = _range_reader(s3, proxy, monkeypatch)
-    scratch = bytearray(MiB)
-    fd = _data_file(tmp_path / "data", 3 * MiB)
+    scratch = bytearray(3 * MiB + 5)
+    pieces: list[tuple[int, bytes]] = []
+
+    def write(pos, piece):
+        pieces.append((pos, bytes(piece)))
+
     try:
         proxy.reset_counts()
-        for i in (2, 0, 1):
-            got = reader.land(bucket, "m/land.bin", i * MiB, memoryview(scratch), etag, fd, i * MiB)
-            assert got == (MiB, etag)
-        assert os.pread(fd, 3 * MiB, 0) == data
-        assert reader._local.pipe is not None, "the bodies were spliced, not read into memory"
-        assert scratch == bytes(MiB), "nothing went through the scratch buffer"
-        assert proxy.counts["connections"] == 1, "one kept-alive connection for three GETs"
+        for _ in range(2):
+            pieces.clear()
+            assert reader.land(bucket, "m/land.bin", 0, memoryview(scratch), etag, write) == \
+                (3 * MiB + 5, etag)
+            assert [p for p, _ in pieces] == [0, MiB, 2 * MiB, 3 * MiB]
+            assert b"".join(b for _, b in pieces) == data
+            assert max(len(b) for _, b in pieces) == s3data._PIECE
+        assert scratch[s3data._PIECE:] == bytes(len(scratch) - s3data._PIECE), "only its head is used"
+        assert proxy.counts["connections"] == 1, "one kept-alive connection for two GETs"
 
-        os.ftruncate(fd, 0)
-        os.ftruncate(fd, 3 * MiB)
         proxy.add_fault(Fault.truncate(5000), method="GET", ranged_only=True, count=1)
-        got, _ = reader.land(bucket, "m/land.bin", 0, memoryview(scratch), etag, fd, 0)
+        pieces.clear()
+        got, _ = reader.land(bucket, "m/land.bin", 0, memoryview(scratch), etag, write)
         assert got == 5000 and proxy.counts["fired"]["truncate"] == 1
-        assert reader.land(bucket, "m/land.bin", MiB, memoryview(scratch), etag, fd, MiB)[0] == MiB
-        assert os.pread(fd, MiB, MiB) == data[MiB:2 * MiB], "the next GET got its own bytes"
-        assert os.pread(fd, 5000, 0) == data[:5000]
+        assert b"".join(b for _, b in pieces) == data[:5000]
+        pieces.clear()
+        assert reader.land(bucket, "m/land.bin", MiB, memoryview(scratch)[:MiB], etag, write)[0] == MiB
+        assert pieces == [(0, data[MiB:2 * MiB])], "the next GET got its own bytes"
         assert proxy.counts["connections"] == 2
     finally:
-        os.close(fd)
         reader.close()
 
 
-def test_a_full_disk_under_a_landing_is_a_cache_error_and_the_next_body_is_clean(
-        bucket, s3_client, s3, proxy, monkeypatch, make_tmpfs, tmp_path):
-    from coldbrew.agent.errors import CacheError
+def test_what_the_writer_raises_ends_the_get_and_the_next_body_is_clean(bucket, s3_client, s3,
+                                                                         proxy, monkeypatch):
+    from coldbrew.agent.errors import CacheFull
 
     data = put_random(s3_client, bucket, "m/full.bin", 4 * MiB, 33)
     etag = s3_client.head_object(Bucket=bucket, Key="m/full.bin")["ETag"]
     reader = _range_reader(s3, proxy, monkeypatch)
     scratch = memoryview(bytearray(4 * MiB))
-    full = _data_file(make_tmpfs("1m") / "data", 4 * MiB)  # sparse: its blocks are not there
-    fd = _data_file(tmp_path / "data", 4 * MiB)
-    try:
-        with pytest.raises(CacheError, match="cannot write to the cache disk: No space left"):
-            reader.land(bucket, "m/full.bin", 0, scratch, etag, full, 0)
-        assert reader.land(bucket, "m/full.bin", 0, scratch, etag, fd, 0)[0] == 4 * MiB
-        assert os.pread(fd, 4 * MiB, 0) == data, "no byte of the failed body in the pipe or socket"
-    finally:
-        os.close(full)
-        os.close(fd)
-        reader.close()
+    got = bytearray()
 
+    def full_after_one_piece(pos, piece):
+        if pos:
+            raise CacheFull("cache disk is full")
 
-def test_a_file_that_refuses_splice_falls_back_to_memory_for_good(bucket, s3_client, s3, proxy,
-                                                                  monkeypatch, tmp_path, caplog):
-    from coldbrew.agent.errors import CacheError
-
-    data = put_random(s3_client, bucket, "m/append.bin", 2 * MiB, 34)
-    etag = s3_client.head_object(Bucket=bucket, Key="m/append.bin")["ETag"]
-    reader = _range_reader(s3, proxy, monkeypatch)
-    scratch = memoryview(bytearray(2 * MiB))
-    refuses = os.open(tmp_path / "append", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    fd = _data_file(tmp_path / "data", 2 * MiB)
-    try:
-        with pytest.raises(CacheError):  # splice(2) into an O_APPEND file: EINVAL
-            reader.land(bucket, "m/append.bin", 0, scratch, etag, refuses, 0)
-        assert "does not take splice" in caplog.text
-        assert reader.land(bucket, "m/append.bin", 0, scratch, etag, fd, 0)[0] == 2 * MiB
-        assert os.pread(fd, 2 * MiB, 0) == data
-        assert scratch == data, "read through memory now"
-    finally:
-        os.close(refuses)
-        os.close(fd)
-        reader.close()
-
-
-def test_a_body_that_cannot_be_spliced_lands_through_memory(bucket, s3_client, s3, proxy,
-                                                            monkeypatch, tmp_path):
-    """TLS (or a chunked body) cannot be spliced: the same bytes land through the buffer."""
-    from coldbrew.agent import s3data
-
-    data = put_random(s3_client, bucket, "m/tls.bin", 2 * MiB + 5, 35)
-    etag = s3_client.head_object(Bucket=bucket, Key="m/tls.bin")["ETag"]
-    reader = _range_reader(s3, proxy, monkeypatch)
-    monkeypatch.setattr(s3data, "_plain_socket", lambda fp, want: None)
-    scratch = memoryview(bytearray(2 * MiB + 5))
-    fd = _data_file(tmp_path / "data", 2 * MiB + 5)
     try:
         proxy.reset_counts()
-        for _ in range(2):
-            assert reader.land(bucket, "m/tls.bin", 0, scratch, etag, fd, 0)[0] == 2 * MiB + 5
-        assert os.pread(fd, 2 * MiB + 5, 0) == data and scratch == data
-        assert getattr(reader._local, "pipe", None) is None
-        assert proxy.counts["connections"] == 1
+        with pytest.raises(CacheFull):
+            reader.land(bucket, "m/full.bin", 0, scratch, etag, full_after_one_piece)
+        assert reader.land(bucket, "m/full.bin", 0, scratch, etag,
+                           lambda pos, piece: got.extend(piece))[0] == 4 * MiB
+        assert got == data, "no byte of the abandoned body came with the next one"
+        assert proxy.counts["connections"] == 2, "the abandoned body's connection was dropped"
     finally:
-        os.close(fd)
         reader.close()

@@ -464,14 +464,15 @@ def test_known_digest_is_enforced_after_a_drop(make_store):
 # --- landings: chunks written into the data file by someone else (the S3 data plane) -------------
 
 
-def land(store: ChunkStore, entry: Entry, index: int, data: bytes) -> str:
-    """Write ``data`` through a landing as the data plane does (into the fd, at its offset)."""
+def land(store: ChunkStore, entry: Entry, index: int, data: bytes, piece: int = 300) -> str:
+    """Land ``data`` as chunk ``index`` the way the data plane does: in pieces, in order."""
     landing = store.open_landing(entry, index)
-    os.pwrite(landing.fd, data, landing.offset)
+    for pos in range(0, len(data), piece):
+        store.land_piece(landing, pos, memoryview(data[pos:pos + piece]))
     return store.commit_landing(landing)
 
 
-def test_a_landed_chunk_is_hashed_where_it_lies_and_journaled(make_store):
+def test_a_chunk_landed_in_pieces_is_hashed_on_the_way_and_journaled(make_store):
     store = make_store()
     entry = store.entry(ident())
     data = blob(entry.identity.size)
@@ -507,23 +508,64 @@ def test_an_overwritten_present_chunk_that_lands_wrong_is_dropped(make_store):
     assert store.has(entry, 0) and store.read_verified(entry, 0) == data[:CHUNK]
 
 
-def test_an_abandoned_landing_gives_its_room_back_and_counts_the_disk_error(make_store):
-    metrics = AgentMetrics()
-    store = make_store(limits=Limits(size_bytes=2 * CHUNK, reserve_bytes=0), metrics=metrics)
+def test_an_abandoned_landing_gives_its_room_back(make_store):
+    store = make_store(limits=Limits(size_bytes=2 * CHUNK, reserve_bytes=0))
     entry = store.entry(ident("a.bin", size=2 * CHUNK))
     first = store.open_landing(entry, 0)
     second = store.open_landing(entry, 1)
+    store.land_piece(first, 0, memoryview(blob(100)))
     third = store.entry(ident("b.bin", size=CHUNK))
     with pytest.raises(CacheFull):  # both chunks' room is held while they land
         store.open_landing(third, 0)
-    failure = CacheError("cannot write to the cache disk: No space left on device")
-    failure.__cause__ = OSError(28, "No space left on device")
-    store.abandon_landing(first, failure)
+    store.abandon_landing(first)
     store.abandon_landing(second)
-    assert metrics.value("coldbrew_cache_write_errors_total", reason="full") == 2  # 1 here, 1 above
     assert not store.has(entry, 0) and store.used_bytes == 0
     assert land(store, third, 0, blob(CHUNK))  # the room came back
     assert store.has(third, 0)
+
+
+def test_a_retried_landing_starts_its_digest_again(make_store):
+    """The origin cut the body short and was asked again: the chunk starts over at 0, and
+    only the second attempt's bytes are hashed."""
+    store = make_store()
+    entry = store.entry(ident())
+    data = blob(entry.identity.size)
+    landing = store.open_landing(entry, 0)
+    store.land_piece(landing, 0, memoryview(blob(500, 9)))  # the first attempt, cut short
+    store.land_piece(landing, 0, memoryview(data[:600]))
+    store.land_piece(landing, 600, memoryview(data[600:CHUNK]))
+    assert store.commit_landing(landing) == digest(data[:CHUNK])
+    assert store.read_verified(entry, 0) == data[:CHUNK]
+
+
+def test_landing_pieces_out_of_order_or_short_are_refused(make_store):
+    from coldbrew.agent.errors import UsageError
+
+    store = make_store()
+    entry = store.entry(ident())
+    landing = store.open_landing(entry, 0)
+    store.land_piece(landing, 0, memoryview(blob(100)))
+    with pytest.raises(UsageError, match="piece at 200"):
+        store.land_piece(landing, 200, memoryview(blob(100)))
+    with pytest.raises(CorruptData, match="100 of 1024 bytes landed"):
+        store.commit_landing(landing)
+    assert not store.has(entry, 0) and store.used_bytes == 0
+
+
+def test_a_landing_whose_disk_fails_is_a_cache_error_counted(make_store, make_tmpfs):
+    metrics = AgentMetrics()
+    store = make_store(metrics=metrics, chunk_size=1 << 20)
+    entry = store.entry(ident(size=1 << 20))
+    landing = store.open_landing(entry, 0)
+    full = make_tmpfs("64k") / "data"  # the data file's disk fills mid-chunk
+    fd = os.open(full, os.O_RDWR | os.O_CREAT, 0o644)
+    os.close(landing.fd)
+    landing.fd, landing.offset = fd, 0
+    with pytest.raises(CacheFull, match="is full"):
+        store.land_piece(landing, 0, memoryview(blob(256 * 1024)))
+    store.abandon_landing(landing)
+    assert metrics.value("coldbrew_cache_write_errors_total", reason="full") == 1
+    assert not store.has(entry, 0) and store.used_bytes == 0
 
 
 def test_a_landing_on_a_cache_that_cannot_make_room_holds_nothing(make_store):
