@@ -215,15 +215,17 @@ def test_reads_are_exact_pinned_and_verified(world):
     assert _read(view, "/m/w.dat", 10, len(data), fi) == b""
     # A byte flipped in the data file (not by the store) is caught at the next open: the
     # chunk is dropped, counted and fetched again; the chunks around it are checked again.
+    # The flip comes after the read-ahead has settled: a store write after it would record
+    # the flip's mtime as its own (the mtime check sees writes *since* the store's last).
     entry = handle.file.entry
+    view.release("/m/w.dat", fi)
+    _settle(world.store, handle.file.entry)
+    assert not world.store.pinned(handle.file.entry)
     with open(entry.data_path, "r+b") as f:
         f.seek(CHUNK + 5)
         b = f.read(1)
         f.seek(CHUNK + 5)
         f.write(bytes([b[0] ^ 0xFF]))
-    view.release("/m/w.dat", fi)
-    _settle(world.store, handle.file.entry)
-    assert not world.store.pinned(handle.file.entry)
     fi = _fi()
     view.open("/m/w.dat", fi)
     gets = sum(c.startswith("get ") for c in world.origin.calls)
