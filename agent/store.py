@@ -117,6 +117,12 @@ def _digest_chunk(path: Path, offset: int, length: int) -> str | None:
         return digest_chunk_fd(f.fileno(), offset, length)
 
 
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    written = 0
+    while written < len(data):  # pwrite may write less than asked (a signal, a full disk)
+        written += os.pwrite(fd, data[written:], offset + written)
+
+
 def _note_own_write(entry: "Entry", st: os.stat_result) -> None:
     # max(): writers finish in any order; an older mtime recorded last would only cost a recheck.
     entry.data_mtime_ns = max(entry.data_mtime_ns, st.st_mtime_ns)
@@ -498,8 +504,7 @@ class ChunkStore:
             raise CorruptData(f"chunk {index} of {entry.identity.uri} has {len(data)} bytes, "
                               f"expected {entry.layout.length(index)}")
         with self._room(entry, index, len(data)):
-            sha1 = (hashlib.sha1(data).hexdigest()
-                    if self.piece_hashes and index not in entry.sha1s else None)
+            sha1 = hashlib.sha1(data).hexdigest() if self._wants_sha1(entry, index) else None
             try:
                 self._pwrite(entry, entry.offset(index), data)
                 self._journal(entry, index, chunk_digest, sha1)
@@ -529,8 +534,11 @@ class ChunkStore:
 
     def _start_landing(self, landing: Landing) -> None:
         landing.received, landing.hasher = 0, digester()
-        landing.sha1 = (hashlib.sha1() if self.piece_hashes
-                        and landing.index not in landing.entry.sha1s else None)
+        landing.sha1 = hashlib.sha1() if self._wants_sha1(landing.entry, landing.index) else None
+
+    def _wants_sha1(self, entry: Entry, index: int) -> bool:
+        """A chunk's piece hash is computed as it is written, once, and only for P2P."""
+        return self.piece_hashes and index not in entry.sha1s
 
     def land_piece(self, landing: Landing, pos: int, piece: memoryview) -> None:
         """Write bytes at ``pos`` of the landing chunk. Pieces come in order; one at ``pos`` 0
@@ -541,9 +549,7 @@ class ChunkStore:
             raise UsageError(f"chunk {landing.index} of {landing.entry.identity.uri}: piece at "
                              f"{pos} (+{len(piece)}) after {landing.received} of {landing.length} bytes")
         try:
-            written = 0
-            while written < len(piece):
-                written += os.pwrite(landing.fd, piece[written:], landing.offset + pos + written)
+            _pwrite_all(landing.fd, piece, landing.offset + pos)
         except OSError as e:
             raise self._write_error(e, landing.entry) from e
         landing.hasher.update(piece)
@@ -705,9 +711,7 @@ class ChunkStore:
     def _pwrite(cls, entry: Entry, offset: int, data: memoryview) -> None:
         fd = cls._open_data(entry)
         try:
-            written = 0
-            while written < len(data):
-                written += os.pwrite(fd, data[written:], offset + written)
+            _pwrite_all(fd, data, offset)
             _note_own_write(entry, os.fstat(fd))
         finally:
             os.close(fd)
