@@ -17,93 +17,142 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from pathlib import Path
-from typing import Any, Sequence
 
 from .. import __version__
 from .client import AgentClient, default_socket
 from .errors import AgentUnavailable, ColdbrewError, ConfigError, UsageError
 from .units import format_size
 
+# Every `coldbrew get/status/prewarm` is a fresh process, and its start is part of what the
+# user waits for: no pathlib, typing or dataclasses here (measured: ~10 ms of imports), and
+# argparse builds only the named command (bench/RESULTS.md, session 8).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Sequence
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's own, told the terminal's width: left to itself it imports shutil for that
+    (with bz2, lzma and zlib: ~3 ms of every command's start) each time it is made."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_columns() - 2)  # - 2: as argparse does
+
+
+def _columns() -> int:
+    """The terminal's width as shutil.get_terminal_size() tells it: $COLUMNS, else stdout's."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
 
 def _add_socket(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket", type=Path, default=None,
+    p.add_argument("--socket", default=None,
                    help=f"agent control socket (default: $COLDBREW_SOCKET or {default_socket()})")
 
 
-def _settings() -> Sequence[Any]:
+def _agent_args(p: argparse.ArgumentParser) -> None:
     from .config import SETTINGS
 
-    return SETTINGS
+    p.add_argument("--config", default=None, help="TOML config file ($COLDBREW_CONFIG)")
+    for s in SETTINGS:
+        p.add_argument(s.flag, dest=s.name, default=None, metavar=s.name.split("_")[-1].upper(),
+                       help=f"{s.help} [env {s.env}]")
 
 
-def build_parser(agent_flags: bool = True) -> argparse.ArgumentParser:
-    """The whole command line. ``agent_flags=False`` leaves out the agent's settings
-    flags, which need the settings table: the small commands start faster without it."""
-    parser = argparse.ArgumentParser(prog="coldbrew", description=__doc__.split("\n\n")[0])
+def _prewarm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uris", nargs="+", metavar="URI", help="s3://bucket/key, a prefix, or a path under the origin")
+    p.add_argument("--wait", action="store_true", help="show progress and exit 0 only when every byte is cached")
+    p.add_argument("--json", action="store_true", help="print the job as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_socket(p)
+
+
+def _status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uri", nargs="?", default=None, help="a file or prefix (default: everything cached)")
+    p.add_argument("--json", action="store_true")
+    _add_socket(p)
+
+
+def _ls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uri", nargs="?", default="", help="prefix to list (default: the origin root)")
+    p.add_argument("--json", action="store_true")
+    _add_socket(p)
+
+
+def _evict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uri")
+    p.add_argument("--json", action="store_true")
+    _add_socket(p)
+
+
+def _get_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uri")
+    p.add_argument("dest", help="destination file, or a directory to copy into")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_socket(p)
+
+
+def _publish_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uris", nargs="+", metavar="URI", help="s3://bucket/key or s3://bucket/prefix/")
+    p.add_argument("--chunk-size", default="16MiB", help="must equal the agents' chunk_size (default 16MiB)")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint ($AWS_ENDPOINT_URL)")
+    p.add_argument("--force", action="store_true", help="rewrite manifests that are up to date")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-size", default="1GiB", help="size of the generated model (default 1GiB)")
+    p.add_argument("--workdir", default=None, help="where to keep S3 data and the cache (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
+
+
+#: name → (help, description or None, its arguments).
+_PARSERS: dict[str, tuple[str, str | None, Callable[[argparse.ArgumentParser], None]]] = {
+    "agent": ("run the node agent in the foreground",
+              "Run the node agent. Settings come from --config FILE (TOML), then COLDBREW_* "
+              "environment variables, then these flags.", _agent_args),
+    "prewarm": ("pull files or prefixes into the node cache", None, _prewarm_args),
+    "status": ("how much of each file is cached", None, _status_args),
+    "ls": ("list the origin with cached bytes", None, _ls_args),
+    "evict": ("drop a file or prefix from the node cache", None, _evict_args),
+    "get": ("copy a file out through the node cache", None, _get_args),
+    "publish": ("write P2P manifests beside model files at the origin",
+                "Read each file once and write its manifest (chunk digests and BitTorrent piece "
+                "hashes) to a .coldbrew/ folder beside it, so agents share it with each other "
+                "from the first byte. Needs write access to the bucket; endpoint and credentials "
+                "come from the usual AWS variables.", _publish_args),
+    "demo": ("run everything end to end on a local S3 server", None, _demo_args),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line. ``only``: just that command (a command line that names one starts
+    faster: argparse looks up message translations on disk for every parser it makes, and
+    the agent's flags need the whole settings table)."""
+    parser = argparse.ArgumentParser(prog="coldbrew", description=__doc__.split("\n\n")[0],
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"coldbrew {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    agent = sub.add_parser("agent", help="run the node agent in the foreground",
-                           description="Run the node agent. Settings come from --config FILE "
-                           "(TOML), then COLDBREW_* environment variables, then these flags.")
-    agent.add_argument("--config", type=Path, default=None, help="TOML config file ($COLDBREW_CONFIG)")
-    for s in _settings() if agent_flags else ():
-        agent.add_argument(s.flag, dest=s.name, default=None, metavar=s.name.split("_")[-1].upper(),
-                           help=f"{s.help} [env {s.env}]")
-
-    pw = sub.add_parser("prewarm", help="pull files or prefixes into the node cache")
-    pw.add_argument("uris", nargs="+", metavar="URI", help="s3://bucket/key, a prefix, or a path under the origin")
-    pw.add_argument("--wait", action="store_true", help="show progress and exit 0 only when every byte is cached")
-    pw.add_argument("--json", action="store_true", help="print the job as JSON")
-    pw.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_socket(pw)
-
-    st = sub.add_parser("status", help="how much of each file is cached")
-    st.add_argument("uri", nargs="?", default=None, help="a file or prefix (default: everything cached)")
-    st.add_argument("--json", action="store_true")
-    _add_socket(st)
-
-    ls = sub.add_parser("ls", help="list the origin with cached bytes")
-    ls.add_argument("uri", nargs="?", default="", help="prefix to list (default: the origin root)")
-    ls.add_argument("--json", action="store_true")
-    _add_socket(ls)
-
-    ev = sub.add_parser("evict", help="drop a file or prefix from the node cache")
-    ev.add_argument("uri")
-    ev.add_argument("--json", action="store_true")
-    _add_socket(ev)
-
-    get = sub.add_parser("get", help="copy a file out through the node cache")
-    get.add_argument("uri")
-    get.add_argument("dest", type=Path, help="destination file, or a directory to copy into")
-    get.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_socket(get)
-
-    pub = sub.add_parser("publish", help="write P2P manifests beside model files at the origin",
-                         description="Read each file once and write its manifest (chunk digests "
-                         "and BitTorrent piece hashes) to a .coldbrew/ folder beside it, so agents "
-                         "share it with each other from the first byte. Needs write access to the "
-                         "bucket; endpoint and credentials come from the usual AWS variables.")
-    pub.add_argument("uris", nargs="+", metavar="URI", help="s3://bucket/key or s3://bucket/prefix/")
-    pub.add_argument("--chunk-size", default="16MiB",
-                     help="must equal the agents' chunk_size (default 16MiB)")
-    pub.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint ($AWS_ENDPOINT_URL)")
-    pub.add_argument("--force", action="store_true", help="rewrite manifests that are up to date")
-    pub.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    demo = sub.add_parser("demo", help="run everything end to end on a local S3 server")
-    demo.add_argument("--model-size", default="1GiB", help="size of the generated model (default 1GiB)")
-    demo.add_argument("--workdir", type=Path, default=None, help="where to keep S3 data and the cache (default: a temp dir)")
-    demo.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
+    for name, (help_, description, add_args) in _PARSERS.items():
+        if only in (None, name):
+            add_args(sub.add_parser(name, help=help_, description=description or help_,
+                                    formatter_class=_HelpFormatter))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(agent_flags="agent" in argv).parse_args(argv)
+    named = argv[0] if argv and argv[0] in _PARSERS else None
+    args = build_parser(only=named).parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, UsageError) as e:
@@ -129,14 +178,14 @@ def _fail(e: BaseException) -> None:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     import asyncio
-    import os
+    from pathlib import Path
 
     from .config import SETTINGS, load_config
     from .daemon import run_agent
     from .logs import setup_logging
 
-    config_file = args.config or (Path(os.environ["COLDBREW_CONFIG"])
-                                  if os.environ.get("COLDBREW_CONFIG") else None)
+    config_path = args.config or os.environ.get("COLDBREW_CONFIG")
+    config_file = Path(config_path) if config_path else None
     config = load_config(file=config_file, flags={s.name: getattr(args, s.name) for s in SETTINGS})
     setup_logging(config.log_format, config.log_level)
     return asyncio.run(run_agent(config, config_file))
@@ -237,14 +286,15 @@ def cmd_evict(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    dest: Path = args.dest
-    if dest.is_dir():
-        dest = dest / args.uri.rstrip("/").rsplit("/", 1)[-1]
+    dest: str = args.dest
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, args.uri.rstrip("/").rsplit("/", 1)[-1])
     bar = None
     if not args.quiet and sys.stderr.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, file=sys.stderr)
+        bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=os.path.basename(dest),
+                   file=sys.stderr)
 
     def progress(done: int, total: int) -> None:
         if bar is not None:

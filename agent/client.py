@@ -18,34 +18,55 @@ import json
 import mmap
 import os
 import threading
-import urllib.parse
-from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
 
 import xxhash
 
 from . import unixhttp
 from .errors import AgentUnavailable, ObjectChanged, error_from_kind
 
-DEFAULT_SOCKET = Path("/run/coldbrew/agent.sock")
+# No pathlib, typing, urllib.parse or dataclasses at import: every CLI command pays for
+# them at start (~10 ms together, measured; bench/RESULTS.md, session 8).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Iterator
+
+DEFAULT_SOCKET = "/run/coldbrew/agent.sock"
 _WINDOW_BYTES = 64 << 20  # ask for this much per ensure: few round trips, early start
 
 
-def default_socket() -> Path:
-    return Path(os.environ.get("COLDBREW_SOCKET") or DEFAULT_SOCKET)
+def default_socket() -> str:
+    return os.environ.get("COLDBREW_SOCKET") or DEFAULT_SOCKET
 
 
-class GetResult(NamedTuple):  # not a dataclass: that import costs the CLI's start ~15 ms
-    uri: str
-    etag: str
-    bytes: int
-    chunks_from_cache_file: int
-    chunks_streamed: int
+class GetResult:
+    """What :meth:`AgentClient.get` copied, and from where."""
+
+    __slots__ = ("uri", "etag", "bytes", "chunks_from_cache_file", "chunks_streamed")
+
+    def __init__(self, uri: str, etag: str, size: int, from_file: int, streamed: int) -> None:
+        self.uri, self.etag, self.bytes = uri, etag, size
+        self.chunks_from_cache_file, self.chunks_streamed = from_file, streamed
+
+    def __repr__(self) -> str:
+        return (f"GetResult(uri={self.uri!r}, etag={self.etag!r}, bytes={self.bytes}, "
+                f"chunks_from_cache_file={self.chunks_from_cache_file}, "
+                f"chunks_streamed={self.chunks_streamed})")
+
+
+def _urlencode(query: dict[str, Any]) -> str:
+    """``a=1&b=x%2Fy``, leaving out None values. Numbers need no quoting, and a progress poll
+    or a plain ``status`` sends nothing else: urllib.parse is imported only for strings."""
+    fields = {k: v for k, v in query.items() if v is not None}
+    if all(isinstance(v, (int, float)) for v in fields.values()):
+        return "&".join(f"{k}={v}" for k, v in fields.items())
+    from urllib.parse import urlencode
+
+    return urlencode(fields)
 
 
 class AgentClient:
-    def __init__(self, socket_path: Path | str | None = None, timeout_s: float = 30.0) -> None:
-        self.socket_path = Path(socket_path) if socket_path else default_socket()
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, timeout_s: float = 30.0) -> None:
+        self.socket_path = os.fspath(socket_path) if socket_path else default_socket()
         self.timeout_s = timeout_s
 
     # --- transport ------------------------------------------------------------------
@@ -53,7 +74,7 @@ class AgentClient:
     def _open(self, method: str, target: str, body: bytes | None = None,
               timeout: float | None = None) -> unixhttp.Response:
         try:
-            return unixhttp.exchange(str(self.socket_path), method, target, body,
+            return unixhttp.exchange(self.socket_path, method, target, body,
                                      content_type="application/json" if body is not None else None,
                                      timeout=timeout)
         except (FileNotFoundError, ConnectionRefusedError, PermissionError) as e:
@@ -69,8 +90,9 @@ class AgentClient:
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 query: dict[str, Any] | None = None, timeout: float | None = -1.0) -> Any:
         """One JSON request; raises the agent's error as a coldbrew exception."""
-        if query:
-            path += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        encoded = _urlencode(query) if query else ""
+        if encoded:
+            path += "?" + encoded
         payload = json.dumps(body).encode() if body is not None else None
         with self._open(method, path, payload, self.timeout_s if timeout == -1.0 else timeout) as response:
             try:
@@ -146,8 +168,7 @@ class AgentClient:
 
     def _read_once(self, uri: str | None, offset: int, length: int, lease: str | None,
                    piece_bytes: int) -> Iterator[bytes]:
-        query = urllib.parse.urlencode({k: v for k, v in {
-            "uri": uri, "offset": offset, "length": length, "lease": lease}.items() if v is not None})
+        query = _urlencode({"uri": uri, "offset": offset, "length": length, "lease": lease})
         with self._open("GET", "/v1/read?" + query) as response:
             if response.status != 200:
                 _decode(response.status, response.read_all())
@@ -162,11 +183,11 @@ class AgentClient:
 
     # --- get: copy a file out through the node cache --------------------------------------
 
-    def get(self, uri: str, dest: Path | str,
+    def get(self, uri: str, dest: str | os.PathLike[str],
             progress: Callable[[int, int], None] | None = None) -> GetResult:
         """Copy ``uri`` to ``dest`` through the cache; atomic (temp file + rename)."""
-        dest = Path(dest)
-        tmp = dest.with_name(f".{dest.name}.coldbrew-{os.getpid()}.tmp")
+        folder, name = os.path.split(os.fspath(dest))
+        tmp = os.path.join(folder, f".{name}.coldbrew-{os.getpid()}.tmp")
         first = self.ensure(uri, 0, 0, prefetch=True)  # open, lease, start read-ahead
         lease, size = first["lease"], first["size"]
         copier = _Copier(self, lease, first["etag"])
@@ -184,7 +205,7 @@ class AgentClient:
                             progress(done, size)
             os.replace(tmp, dest)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _remove_quietly(tmp)
             raise
         finally:
             try:
@@ -333,6 +354,13 @@ def _open_verified(chunk: dict[str, Any]) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _close_quietly(fd: int) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -86,3 +88,38 @@ def test_no_socket_is_an_os_error_the_client_turns_into_advice(tmp_path):
         unixhttp.exchange(str(tmp_path / "none.sock"), "GET", "/v1/health")
     with pytest.raises(AgentUnavailable, match="no coldbrew agent is listening .* start one"):
         AgentClient(tmp_path / "none.sock").health()
+
+
+# What a small CLI command imports on top of the interpreter's own start-up: each of these
+# costs every `coldbrew get/status/prewarm` milliseconds (bench/RESULTS.md, session 8).
+_HEAVY = ("pathlib", "typing", "urllib.parse", "dataclasses", "concurrent.futures", "logging",
+          "asyncio", "http.client", "email", "ssl", "shutil", "coldbrew.agent.config")
+
+
+@pytest.mark.parametrize("argv", [["status"], ["get", "s3://b/k", "/tmp/x"],
+                                  ["prewarm", "s3://b/k", "--wait"]])
+def test_small_cli_commands_import_nothing_heavy(tmp_path, argv):
+    code = ("import sys\n"
+            "before = set(sys.modules)\n"
+            "from coldbrew.agent import cli\n"
+            f"rc = cli.main({argv!r} + ['--socket', {str(tmp_path / 'none.sock')!r}])\n"
+            "print(rc, ' '.join(sorted(set(sys.modules) - before)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    rc, _, loaded = out.stdout.strip().partition(" ")
+    assert rc == "3", out  # no agent: it got as far as connecting
+    assert "coldbrew.agent.client" in loaded.split()
+    assert not set(loaded.split()) & set(_HEAVY), loaded
+
+
+def test_help_lists_every_command_and_each_command_has_its_own(tmp_path):
+    def cli(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "coldbrew.agent", *args], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out
+        return out.stdout
+
+    top = cli("--help")
+    for command in ("agent", "prewarm", "status", "ls", "evict", "get", "publish", "demo"):
+        assert f"    {command} " in top
+    assert "usage: coldbrew get [-h] [--quiet] [--socket SOCKET] uri dest" in cli("get", "--help")
+    assert "--cache-dir" in cli("agent", "--help")
