@@ -20,6 +20,10 @@ interleaved, each in a fresh process, on one local S3 server:
 * ``stream``: each body read 1 MiB at a time into the start of the buffer, hashed
   incrementally and written before the next piece is read (the copy into the page cache
   then reads bytes still in the CPU's cache): what the agent does;
+* ``sparse``: as ``stream``, into a data file first truncated to the object's size (the
+  agent's data file is);
+* ``falloc``: as ``sparse``, each range's blocks allocated (``posix_fallocate``) before
+  its GET, as the agent does since session 8;
 * ``mmap`` (not by default): the data file's range mapped, faulted in for writing
   (``MADV_POPULATE_WRITE``) and the body read straight into the mapping.
 
@@ -52,7 +56,7 @@ import _common as C
 
 BUCKET, KEY = "probe-landing", "object.bin"
 CONCURRENCY, CHUNK = 8, 16 * C.MiB
-MODES = ("mem", "pwrite", "pwrite1", "stream", "splice", "direct", "mmap")
+MODES = ("mem", "pwrite", "pwrite1", "stream", "sparse", "falloc", "splice", "direct", "mmap")
 DEFAULT_MODES = "mem,pwrite,stream,splice"
 STREAM_PIECE = 1 * C.MiB  # as the agent's (agent/s3data.py)
 PIPE_BYTES = 1 * C.MiB
@@ -113,7 +117,7 @@ def worker(mode: str, out: str, scratch: str, size: int) -> None:
         b.write(bytes(CHUNK))
     flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if mode == "direct" else 0)
     fd = os.open(out, flags, 0o644) if mode != "mem" else -1
-    if mode == "mmap":
+    if mode in ("mmap", "sparse", "falloc"):
         os.ftruncate(fd, size)
     C.prefault_page_cache(Path(scratch), size)
     lock, pending, errors = threading.Lock(), iter(range(0, size, CHUNK)), []
@@ -121,6 +125,8 @@ def worker(mode: str, out: str, scratch: str, size: int) -> None:
 
     def one_range(view: memoryview, start: int, pipe: tuple[int, int]) -> None:
         end = min(start + CHUNK, size)
+        if mode == "falloc":
+            os.posix_fallocate(fd, start, end - start)
         resp = s3.get_object(Bucket=BUCKET, Key=KEY, Range=f"bytes={start}-{end - 1}")
         raw = resp["Body"]._raw_stream
         if mode == "mmap":
@@ -130,7 +136,7 @@ def worker(mode: str, out: str, scratch: str, size: int) -> None:
                 got = _read_into(raw._fp, mv)
                 xxhash.xxh3_64_intdigest(mv[:got])
                 mv.release()
-        elif mode == "stream":
+        elif mode in ("stream", "sparse", "falloc"):
             hasher, got, small = xxhash.xxh3_128(), 0, view[:STREAM_PIECE]
             while got < end - start:
                 n = _read_into(raw._fp, small[: min(STREAM_PIECE, end - start - got)])

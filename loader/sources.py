@@ -486,7 +486,11 @@ class OriginSource(Source):
         if need > len(probe):
             rest = bytearray(need - len(probe))
             await self._read(len(probe), memoryview(rest))
-            probe += rest
+            # A new buffer, not ``+=``: the executor thread that filled ``probe`` may hold its
+            # view a moment after the read has returned (it drops its work item only after
+            # setting the result), and a bytearray with a view cannot be resized (BufferError,
+            # seen once in CI).
+            probe = probe + rest
         self.header_bytes = bytes(probe[:need])
         self.header = parse_header_bytes(self.header_bytes, size, self.name)
         return self

@@ -69,6 +69,26 @@ def make_tmpfs(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
+def make_ext2(tmp_path: Path) -> Iterator[Any]:
+    """``make_ext2("2m")`` mounts a tiny ext2 image through a loop device: a disk that fills
+    up and, unlike tmpfs, cannot allocate ahead (fallocate: EOPNOTSUPP), so writes fail part-way."""
+    mounts: list[Path] = []
+
+    def make(size: str) -> Path:
+        image, mnt = tmp_path / f"ext2-{len(mounts)}.img", tmp_path / f"ext2-{len(mounts)}"
+        subprocess.run(["truncate", "-s", size, str(image)], check=True)
+        subprocess.run(["mkfs.ext2", "-q", "-F", str(image)], check=True)
+        mnt.mkdir()
+        subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+        mounts.append(mnt)
+        return mnt
+
+    yield make
+    for mnt in mounts:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.fixture
 def agent_env(s3: LocalS3) -> dict[str, str]:
     return s3.env()
 

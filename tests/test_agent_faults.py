@@ -169,35 +169,63 @@ def test_full_cache_disk_still_serves_correct_bytes(bucket, s3_client, make_agen
     assert "could not be cached" in result.stderr and "cache full" in result.stderr
 
 
-def test_a_data_file_whose_disk_fills_mid_chunk_still_serves_correct_bytes(
-        bucket, s3_client, make_agent, make_tmpfs, tmp_path):
-    """The store's free-space check passes (the cache dir's disk is large), but the data file
-    sits on a 1 MiB filesystem: every chunk's landing fails part-way with ENOSPC. Each chunk
-    is then fetched again into memory and served from there."""
+def _entry_dir_on(disk: Path, cache_dir: Path, uri: str, etag: str, size: int) -> None:
+    """Make the cache entry of (uri, etag, size) live on ``disk``: the store's free-space
+    check looks at the cache dir's (large) disk, but the entry's data file lands on this one."""
     from coldbrew.agent.manifest import FileIdentity
     from coldbrew.agent.store import LAYOUT_VERSION
 
-    size = 6 * MiB + 7
-    data = put_random(s3_client, bucket, "m/midfull.bin", size, 14)
-    uri = f"s3://{bucket}/m/midfull.bin"
-    etag = s3_client.head_object(Bucket=bucket, Key="m/midfull.bin")["ETag"]
-    cache_dir = tmp_path / "cache"
     key = FileIdentity(uri, etag, size).key()
     entry_dir = cache_dir / LAYOUT_VERSION / "files" / key[:2] / key
     entry_dir.parent.mkdir(parents=True)
-    small = make_tmpfs("1m")
-    entry_dir.symlink_to(small)  # the entry's files (its data file) land on the small disk
+    entry_dir.symlink_to(disk)
+
+
+def _origin_gets(agent) -> float:
+    """GETs the agent sent the origin, whatever their outcome (one cut short by the disk too)."""
+    return sum(v for (name, labels), v in agent.metrics().items()
+               if name == "coldbrew_origin_requests_total" and ("op", "get") in labels)
+
+
+def _get_through_a_small_disk(s3_client, bucket, make_agent, tmp_path, disk: Path, name: str):
+    size = 6 * MiB  # 3 chunks of 2 MiB, none of which fits the disk
+    data = put_random(s3_client, bucket, f"m/{name}", size, 14)
+    uri = f"s3://{bucket}/m/{name}"
+    etag = s3_client.head_object(Bucket=bucket, Key=f"m/{name}")["ETag"]
+    cache_dir = tmp_path / "cache"
+    _entry_dir_on(disk, cache_dir, uri, etag, size)
     agent = make_agent(f"s3://{bucket}", cache_dir=cache_dir,
                        extra_args=["--chunk-size", "2MiB", "--cache-reserve", "0"])
-    dest = tmp_path / "midfull.bin"
+    dest = tmp_path / name
     agent.cli("get", uri, str(dest), "--quiet", check=True)
     assert dest.read_bytes() == data
-    assert (small / "data").exists(), "the chunks were headed for the small disk"
+    assert (disk / "data").exists(), "the chunks were headed for the small disk"
     assert f"is full; serving {uri} from origin without caching" in agent.log()
     assert agent.metric("coldbrew_cache_write_errors_total", reason="full") >= 3
     assert agent.metric("coldbrew_cache_bytes") == 0
-    assert agent.metric("coldbrew_origin_requests_total", op="get", outcome="ok") >= 6, \
-        "each chunk was fetched twice: into the file, then into memory"
+    return agent
+
+
+def test_a_disk_that_cannot_take_a_chunk_refuses_it_before_its_get(
+        bucket, s3_client, make_agent, make_tmpfs, tmp_path):
+    """tmpfs allocates ahead: each chunk's blocks are asked for before its GET, the disk says
+    no at once, and the chunk is fetched once, into memory, and served from there."""
+    disk = make_tmpfs("1m")
+    agent = _get_through_a_small_disk(s3_client, bucket, make_agent, tmp_path, disk, "nofit.bin")
+    assert _origin_gets(agent) == agent.metric("coldbrew_cache_write_errors_total", reason="full"), \
+        "one GET per refusal, however it ended: no chunk was fetched into the file first"
+    assert (disk / "data").stat().st_blocks == 0, "nothing was written to the small disk"
+
+
+def test_a_data_file_whose_disk_fills_mid_chunk_still_serves_correct_bytes(
+        bucket, s3_client, make_agent, make_ext2, tmp_path):
+    """ext2 cannot allocate ahead: every chunk's landing fails part-way with ENOSPC. Each
+    chunk is then fetched again into memory and served from there, and the blocks the
+    failed landings wrote are given back."""
+    disk = make_ext2("2m")
+    agent = _get_through_a_small_disk(s3_client, bucket, make_agent, tmp_path, disk, "midfull.bin")
+    assert _origin_gets(agent) >= 2 * 3, "each chunk was fetched twice: into the file, then into memory"
+    assert (disk / "data").stat().st_blocks * 512 < MiB, "the part-written chunks were punched out"
 
 
 def test_object_replaced_between_reads_is_never_mixed(bucket, s3_client, make_agent, tmp_path):

@@ -206,3 +206,29 @@ def test_files_on_the_fuse_mount(corpus, small_spans, bucket, s3_client, make_ag
     finally:
         agent.stop()
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, check=False)
+
+
+def test_a_header_read_in_two_gets_never_resizes_a_buffer_a_reader_may_hold(monkeypatch):
+    """The executor thread that filled the first probe may still hold its view a moment after
+    the read returned (it drops its work item after setting the result). Growing the probe in
+    place then raised BufferError (seen once in CI); here the origin holds every view for good."""
+    import asyncio
+    import json
+    import struct
+
+    from coldbrew.agent.origin import ObjectInfo
+
+    header = json.dumps({"t": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}).encode()
+    data = struct.pack("<Q", len(header)) + header + b"abcd"
+    held: list[memoryview] = []
+
+    class HoldingOrigin:  # a real origin's data plane, minus the network and the race
+        async def read_into(self, obj: ObjectInfo, start: int, view: memoryview) -> None:
+            view[:] = data[start:start + len(view)]
+            held.append(view)
+
+    monkeypatch.setattr(sources, "HEADER_PROBE_BYTES", 16)
+    info = ObjectInfo("s3://b/m.safetensors", len(data), '"e"')
+    source = asyncio.run(sources.OriginSource.open(HoldingOrigin(), info, 2))
+    assert len(held) == 2, "the header took a second GET"
+    assert source.header_bytes == data[:8 + len(header)]

@@ -568,6 +568,34 @@ def test_a_landing_whose_disk_fails_is_a_cache_error_counted(make_store, make_tm
     assert not store.has(entry, 0) and store.used_bytes == 0
 
 
+def test_a_landing_gets_its_blocks_first_and_gives_them_back_if_abandoned(make_store):
+    store = make_store(chunk_size=1 << 20)
+    entry = store.entry(ident(size=3 << 20))
+    landing = store.open_landing(entry, 1)
+    assert os.fstat(landing.fd).st_blocks * 512 >= 1 << 20, "chunk 1's blocks, before any byte"
+    store.land_piece(landing, 0, memoryview(blob(4096)))
+    store.abandon_landing(landing)
+    assert os.stat(entry.data_path).st_blocks == 0, "an abandoned chunk's blocks go back"
+    assert not store.has(entry, 1) and store.used_bytes == 0
+
+
+def test_a_chunk_the_disk_cannot_hold_fails_at_open_before_any_byte(make_store, make_tmpfs):
+    """The store's own disk has room, but the entry's data file lies on a 64 KiB one."""
+    metrics = AgentMetrics()
+    store = make_store(metrics=metrics, chunk_size=1 << 20)
+    entry = store.entry(ident(size=2 << 20))
+    small = make_tmpfs("64k") / "data"
+    small.touch()
+    entry.data_path.unlink()
+    entry.data_path.symlink_to(small)
+    with pytest.raises(CacheFull, match="is full"):
+        store.open_landing(entry, 0)
+    assert metrics.value("coldbrew_cache_write_errors_total", reason="full") == 1
+    assert small.stat().st_blocks == 0 and store.used_bytes == 0
+    assert land(store, store.entry(ident("other.bin", size=1 << 20)), 0, blob(1 << 20)), \
+        "the room it asked for was given back"
+
+
 def test_a_landing_on_a_cache_that_cannot_make_room_holds_nothing(make_store):
     store = make_store(limits=Limits(size_bytes=CHUNK, reserve_bytes=0))
     a, _ = fill(store, ident("a.bin", size=CHUNK))
