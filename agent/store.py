@@ -41,9 +41,7 @@ threads. Any OSError from the disk becomes :class:`CacheError` (or
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import functools
 import json
 import logging
 import mmap
@@ -59,6 +57,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import eviction
+from .blocks import allocate, punch_hole
 from .errors import CacheError, CacheFull, CorruptData, FileBusy, UsageError
 from .manifest import (ChunkLayout, FileIdentity, Manifest, digest, digester, drop_line,
                        journal_line, parse_journal, replay_journal)
@@ -72,7 +71,6 @@ _OLD_LAYOUTS = ("coldbrew-v1",)
 #: The file in each entry holding its bytes (also the name of its torrent's one file).
 DATA_FILE = "data"
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 _stamps = itertools.count(1)
 
 
@@ -127,36 +125,6 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 def _note_own_write(entry: "Entry", st: os.stat_result) -> None:
     # max(): writers finish in any order; an older mtime recorded last would only cost a recheck.
     entry.data_mtime_ns = max(entry.data_mtime_ns, st.st_mtime_ns)
-
-
-@functools.cache
-def _fallocate() -> Callable[[int, int, int, int], int]:
-    fallocate = ctypes.CDLL(None, use_errno=True).fallocate
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    return fallocate
-
-
-def allocate(fd: int, offset: int, length: int) -> None:
-    """Give ``[offset, offset+length)`` its disk blocks now, before its bytes are written.
-
-    A full disk then fails here, before the chunk's GET starts, rather than part-way into
-    it (the GET wasted); the chunk also gets its blocks in one extent, not piece by piece.
-    A filesystem that cannot allocate ahead (ext2/3-style files, some network and FUSE
-    filesystems: EOPNOTSUPP) is left to allocate as the bytes are written.
-    """
-    if length and _fallocate()(fd, 0, offset, length) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
-            raise OSError(err, os.strerror(err))
-
-
-def punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Give the disk blocks of ``[offset, offset+length)`` back, keeping the file's size.
-
-    False where the filesystem cannot (the bytes then stay until the chunk is rewritten
-    or the entry evicted: only space is lost, the journal already says they are gone).
-    """
-    return _fallocate()(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, offset, length) == 0
 
 
 @dataclass
@@ -734,6 +702,7 @@ class ChunkStore:
     def _pwrite(cls, entry: Entry, offset: int, data: memoryview) -> None:
         fd = cls._open_data(entry)
         try:
+            allocate(fd, offset, len(data))  # as a landing does: a full disk fails before a byte
             _pwrite_all(fd, data, offset)
             _note_own_write(entry, os.fstat(fd))
         finally:

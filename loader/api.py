@@ -318,10 +318,11 @@ class _Load:
                     defer = opts.device.type == "cpu" and opts.stream_budget_bytes is None
                     writeback = self.cache.begin(source.identity, source.header_bytes,
                                                  source.span_bytes, defer=defer)
+                    # Kept even if it failed to open (a full disk): its commit then cleans
+                    # up and says False, so no location is recorded without this file.
+                    writebacks.append(writeback)
                     if not await writeback.open():
                         writeback = None
-                    else:
-                        writebacks.append(writeback)
                 await source.start(fulls[i])
                 file_load = FileLoad(source, names, sink, emit=self._emitter(),
                                      concurrency=self._concurrency(source), budget=budget,

@@ -57,6 +57,7 @@ from typing import Any
 
 import xxhash
 
+from coldbrew.agent.blocks import allocate
 from coldbrew.agent.manifest import FileIdentity
 
 log = logging.getLogger("coldbrew.loader")
@@ -283,6 +284,10 @@ class Writeback:
             self._file = await aiofiles.open(self._tmp, "wb", buffering=0,
                                              executor=writer_executor())
             await self._file.truncate(self.identity.size)
+            # The whole file's blocks first: a full disk fails here, before a byte is written,
+            # and the writes skip the filesystem's per-block delayed allocation.
+            await asyncio.get_running_loop().run_in_executor(
+                writer_executor(), allocate, self._file.fileno(), 0, self.identity.size)
             await self._write_at(0, memoryview(self.header))
         except OSError as e:
             self._fail(e)

@@ -209,7 +209,10 @@ def tiny_disk(make_tmpfs):
     return make_tmpfs("1m")
 
 
-def test_full_cache_disk_mid_write(env, model, tiny_disk, caplog):
+def test_full_cache_disk(env, model, tiny_disk, caplog):
+    """The file's blocks are asked for when its entry opens: the 1 MiB disk says no before a
+    byte is written. The load goes on from the origin, and nothing is left behind: no temp
+    file, and no location record (it would name a file that is not cached)."""
     uri, data, ref = model
     got = load_file(uri, cache_dir=tiny_disk / "cache")
     assert_same(got, ref)
