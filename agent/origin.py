@@ -17,6 +17,7 @@ mix of two versions.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import functools
 import logging
 import sys
@@ -183,6 +184,10 @@ def _mtime_of(info: dict[str, Any]) -> float | None:
         return float(value.timestamp())
     try:
         return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        pass
+    try:  # the header's own text (the data plane leaves timestamps unparsed: agent/s3data.py)
+        return email.utils.parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError):
         return None
 

@@ -42,6 +42,10 @@ class S3RangeReader:
             signature_version=UNSIGNED if settings.anonymous else None,
         )
         session = botocore.session.get_session()
+        # Timestamps (LastModified) stay the header's text: botocore parses each with dateutil,
+        # ~0.4 ms of CPU per GET measured here, and a GET's is never read (a HEAD's is, by
+        # the origin's _mtime_of). The AWS CLI sets the same hook for the same reason.
+        session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
         self._client = session.create_client("s3", endpoint_url=settings.endpoint_url,
                                              region_name=settings.region, config=config)
         self._lock = threading.Lock()

@@ -490,3 +490,16 @@ def test_with_retries_really_sleeps_with_tiny_delays():
     policy = RetryPolicy(attempts=3, base_delay_s=0.001, max_delay_s=0.002)
     assert run(with_retries(attempt, policy, what="GET x")) == "ok"
     assert attempt.calls == 3
+
+
+def test_object_mtimes_come_from_datetimes_numbers_or_the_headers_own_text():
+    """The data plane leaves LastModified as the HTTP header's text (agent/s3data.py)."""
+    import datetime
+
+    from coldbrew.agent.origin import _mtime_of
+
+    when = datetime.datetime(2026, 12, 1, 22, 0, 5, tzinfo=datetime.timezone.utc)
+    assert _mtime_of({"LastModified": "Tue, 01 Dec 2026 22:00:05 GMT"}) == when.timestamp()
+    assert _mtime_of({"LastModified": when}) == when.timestamp()
+    assert _mtime_of({"mtime": 12.5}) == 12.5
+    assert _mtime_of({"LastModified": "not a date"}) is None and _mtime_of({}) is None
