@@ -8,8 +8,9 @@ landed:
   (a) s3fs        ``S3FileSystem().get(remote, local_file)`` — the plain way people download.
   (b) ranged GET  HEAD + ``--concurrency`` parallel ``--chunk-size`` ranged GETs read into
                   reused, pre-touched buffers and discarded ("download into memory"):
-                  the transport ceiling. Two clients: boto3 in threads and aiobotocore;
-                  the faster median is the ceiling.
+                  the transport ceiling. Two clients: boto3 in threads (reading with every
+                  trick the agent uses: http.client's readinto, the socket's low-water mark)
+                  and aiobotocore; the faster median is the ceiling.
   (b+disk)        informational, no bar: (b) with boto3 into one file, its blocks allocated
                   first (fallocate), each range streamed in at its offset in 1 MiB pieces (the
                   fastest plain way to land a download found here, bench/probe_landing.py):
@@ -61,6 +62,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
 
+from coldbrew.agent.s3data import TAIL_BYTES, BatchedWakeups
+
 BUCKET = "coldbrew-bench"
 WARM_KEY = "bench/warmup.bin"  # a small object every client HEADs before its clock starts
 TRANSPORTS = ("boto3", "aiobotocore")
@@ -109,13 +112,17 @@ def _read_body_boto3(body: Any, view: memoryview, mode: str) -> int:
     want, got = len(view), 0
     if mode == "fp":
         # http.client's readinto lands socket bytes straight in our buffer (recv_into):
-        # no intermediate bytes objects. Then hand the connection back to the pool.
-        fp = raw._fp
+        # no intermediate bytes objects; all but the body's tail with the socket's low-water
+        # mark up, as the agent reads (agent/s3data.py). Then the connection goes back.
+        fp, wakeups = raw._fp, BatchedWakeups(raw)
         while got < want:
-            n = fp.readinto(view[got:])
+            end = want - 2 * TAIL_BYTES if want - got > 4 * TAIL_BYTES else want
+            wakeups.batch(want - end)
+            n = fp.readinto(view[got:end])
             if not n:
                 break
             got += n
+        wakeups.batch(0)
         raw.release_conn()
     elif mode == "readinto":
         while got < want:
@@ -137,15 +144,18 @@ def _land_body_boto3(body: Any, buf: memoryview, fd: int, offset: int, want: int
     """Stream a body into ``fd`` at ``offset`` in 1 MiB pieces, each written while it is
     still in the CPU's cache (bench/probe_landing.py). Returns bytes written."""
     raw = body._raw_stream
-    piece, got = buf[:C.MiB], 0
+    piece, got, wakeups = buf[:C.MiB], 0, BatchedWakeups(raw)
     while got < want:
-        n = raw._fp.readinto(piece[: min(C.MiB, want - got)])
+        step = min(C.MiB, want - got)
+        wakeups.batch(want - got - step)
+        n = raw._fp.readinto(piece[:step])
         if not n:
             break
         done = 0
         while done < n:
             done += os.pwrite(fd, piece[done:n], offset + got + done)
         got += n
+    wakeups.batch(0)
     raw.release_conn()
     return got
 
@@ -742,8 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", choices=("both", *TRANSPORTS), default="both",
                    help="client(s) for (b); with both, the faster median is the ceiling (default both)")
     p.add_argument("--boto3-read", choices=("fp", "readinto", "read"), default="fp",
-                   help="how (b)/boto3 reads a body: fp = http.client readinto straight into the buffer "
-                        "(default), readinto = urllib3 readinto, read = StreamingBody.read + copy")
+                   help="how (b)/boto3 reads a body: fp = http.client readinto straight into the buffer, "
+                        "the socket's low-water mark up (default), readinto = urllib3 readinto, read = StreamingBody.read + copy")
     p.add_argument("--no-disk-reference", dest="disk_reference", action="store_false", default=True,
                    help="skip (b+disk), the informational plain download that lands every byte in a file")
     p.add_argument("--no-drop-caches", dest="drop_caches", action="store_false", default=None,

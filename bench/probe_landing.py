@@ -24,6 +24,9 @@ interleaved, each in a fresh process, on one local S3 server:
   agent's data file is);
 * ``falloc``: as ``sparse``, each range's blocks allocated (``posix_fallocate``) before
   its GET, as the agent does since session 8;
+* ``lowat``: as ``falloc``, each body read with its socket's receive low-water mark up
+  (``SO_RCVLOWAT``, :class:`coldbrew.agent.s3data.BatchedWakeups`), as the agent does since
+  session 8; ``memlowat``: ``mem`` read that way (in 1 MiB pieces, nothing written);
 * ``mmap`` (not by default): the data file's range mapped, faulted in for writing
   (``MADV_POPULATE_WRITE``) and the body read straight into the mapping.
 
@@ -54,9 +57,11 @@ from typing import Any
 
 import _common as C
 
+from coldbrew.agent.s3data import BatchedWakeups
+
 BUCKET, KEY = "probe-landing", "object.bin"
 CONCURRENCY, CHUNK = 8, 16 * C.MiB
-MODES = ("mem", "pwrite", "pwrite1", "stream", "sparse", "falloc", "splice", "direct", "mmap")
+MODES = ("mem", "pwrite", "pwrite1", "stream", "sparse", "falloc", "lowat", "memlowat", "splice", "direct", "mmap")
 DEFAULT_MODES = "mem,pwrite,stream,splice"
 STREAM_PIECE = 1 * C.MiB  # as the agent's (agent/s3data.py)
 PIPE_BYTES = 1 * C.MiB
@@ -116,8 +121,8 @@ def worker(mode: str, out: str, scratch: str, size: int) -> None:
     for b in bufs:
         b.write(bytes(CHUNK))
     flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if mode == "direct" else 0)
-    fd = os.open(out, flags, 0o644) if mode != "mem" else -1
-    if mode in ("mmap", "sparse", "falloc"):
+    fd = os.open(out, flags, 0o644) if mode not in ("mem", "memlowat") else -1
+    if mode in ("mmap", "sparse", "falloc", "lowat"):
         os.ftruncate(fd, size)
     C.prefault_page_cache(Path(scratch), size)
     lock, pending, errors = threading.Lock(), iter(range(0, size, CHUNK)), []
@@ -125,10 +130,11 @@ def worker(mode: str, out: str, scratch: str, size: int) -> None:
 
     def one_range(view: memoryview, start: int, pipe: tuple[int, int]) -> None:
         end = min(start + CHUNK, size)
-        if mode == "falloc":
+        if mode in ("falloc", "lowat"):
             os.posix_fallocate(fd, start, end - start)
         resp = s3.get_object(Bucket=BUCKET, Key=KEY, Range=f"bytes={start}-{end - 1}")
         raw = resp["Body"]._raw_stream
+        wakeups = BatchedWakeups(raw) if mode in ("lowat", "memlowat") else None
         if mode == "mmap":
             with mmap.mmap(fd, end - start, offset=start) as pages:
                 pages.madvise(_MADV_POPULATE_WRITE)
@@ -136,16 +142,20 @@ def worker(mode: str, out: str, scratch: str, size: int) -> None:
                 got = _read_into(raw._fp, mv)
                 xxhash.xxh3_64_intdigest(mv[:got])
                 mv.release()
-        elif mode in ("stream", "sparse", "falloc"):
+        elif mode in ("stream", "sparse", "falloc", "lowat", "memlowat"):
             hasher, got, small = xxhash.xxh3_128(), 0, view[:STREAM_PIECE]
             while got < end - start:
-                n = _read_into(raw._fp, small[: min(STREAM_PIECE, end - start - got)])
+                want = min(STREAM_PIECE, end - start - got)
+                if wakeups is not None:
+                    wakeups.batch(end - start - got - want)
+                n = _read_into(raw._fp, small[:want])
                 if not n:
                     break
-                hasher.update(small[:n])
-                done = 0
-                while done < n:
-                    done += os.pwrite(fd, small[done:n], start + got + done)
+                if mode != "memlowat":
+                    hasher.update(small[:n])
+                    done = 0
+                    while done < n:
+                        done += os.pwrite(fd, small[done:n], start + got + done)
                 got += n
         elif mode == "splice":
             got = _splice_body(raw._fp, fd, start, end - start, pipe)
@@ -153,12 +163,14 @@ def worker(mode: str, out: str, scratch: str, size: int) -> None:
                 xxhash.xxh3_64_intdigest(pages)
         else:
             got = _read_into(raw._fp, view[: end - start])
-            if mode != "mem":
+            if mode not in ("mem", "memlowat"):
                 xxhash.xxh3_64_intdigest(view[:got])
                 with one_writer:
                     done = 0
                     while done < got:
                         done += os.pwrite(fd, view[done:got], start + done)
+        if wakeups is not None:
+            wakeups.batch(0)
         raw.release_conn()
         if got != end - start:
             raise RuntimeError(f"short body at {start}: {got} of {end - start}")
@@ -230,7 +242,7 @@ def _one(mode: str, workdir: Path, s3: Any, env: dict[str, str], size: int, want
         raise RuntimeError(f"{mode} failed:\n{proc.stderr[-3000:]}")
     o = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     o["server_cpu_s"] = (C.proc_cpu_s(s3.proc.pid) or 0.0) - server0
-    if mode != "mem":
+    if mode not in ("mem", "memlowat"):
         h = xxhash.xxh3_128()
         with open(out, "rb") as f:
             while piece := f.read(16 * C.MiB):
