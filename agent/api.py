@@ -29,7 +29,8 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -70,6 +71,19 @@ class Lease:
     id: str
     file: OpenFile
     expires: float
+    #: Chunks an ensure fetched but the cache could not store (disk full or failing), kept
+    #: for this lease's next read of them, which would otherwise fetch them again.
+    uncached: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+
+    def keep_uncached(self, index: int, data: bytes) -> None:
+        self.uncached[index] = data
+        self.uncached.move_to_end(index)
+        while len(self.uncached) > _UNCACHED_PER_LEASE:
+            self.uncached.popitem(last=False)
+
+
+#: Uncached chunks a lease keeps: an ensure window of `coldbrew get` (64 MiB) at 16 MiB chunks.
+_UNCACHED_PER_LEASE = 4
 
 
 class Leases:
@@ -297,6 +311,8 @@ class ControlAPI:
             raise
         chunks = []
         for index, uncached in zip(indexes, results):
+            if uncached is not None:
+                lease.keep_uncached(index, uncached)
             start, end = f.entry.layout.bounds(index)
             self.metrics.bytes_served.labels("cache" if index in present else "origin").inc(
                 end - start)
@@ -327,8 +343,10 @@ class ControlAPI:
 
     async def read(self, request: web.Request) -> web.StreamResponse:
         q = request.query
+        lease: Lease | None = None
         if q.get("lease"):
-            f = self.leases.get(q["lease"]).file
+            lease = self.leases.get(q["lease"])
+            f = lease.file
         else:
             f = await self.fetcher.open(self.fetcher.origin.resolve(q["uri"]))
         offset = int(q.get("offset", 0))
@@ -341,15 +359,19 @@ class ControlAPI:
         try:
             if len(indexes) > 1:
                 self.fetcher.prefetch(f, indexes[0])
+            async def chunk_bytes(index: int) -> bytes:
+                kept = lease.uncached.pop(index, None) if lease is not None else None
+                return kept if kept is not None else await self.fetcher.chunk_bytes(f, index)
+
             # Fetch the first chunk before answering, so a 404 or 403 is a clean error.
-            first = await self.fetcher.chunk_bytes(f, indexes[0]) if indexes else b""
+            first = await chunk_bytes(indexes[0]) if indexes else b""
             response = web.StreamResponse(headers={
                 "Content-Length": str(length), "Content-Type": "application/octet-stream",
                 "X-Coldbrew-ETag": f.info.etag, "X-Coldbrew-Size": str(f.info.size)})
             await response.prepare(request)
             try:
                 for n, index in enumerate(indexes):
-                    chunk = first if n == 0 else await self.fetcher.chunk_bytes(f, index)
+                    chunk = first if n == 0 else await chunk_bytes(index)
                     start, _ = layout.bounds(index)
                     lo = max(offset - start, 0)
                     hi = min(offset + length - start, len(chunk))
