@@ -359,6 +359,7 @@ class ControlAPI:
         try:
             if len(indexes) > 1:
                 self.fetcher.prefetch(f, indexes[0])
+
             async def chunk_bytes(index: int) -> bytes:
                 kept = lease.uncached.pop(index, None) if lease is not None else None
                 return kept if kept is not None else await self.fetcher.chunk_bytes(f, index)

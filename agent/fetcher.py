@@ -187,8 +187,7 @@ class Fetcher:
             await swarm.put_piece(torrent, index, piece)
             return None
         except CacheError as e:
-            log.warning("cache write failed; serving from memory", extra={
-                "uri": f.info.uri, "chunk": index, "error": str(e)})
+            _warn_uncached(f, index, e)
             return piece
 
     async def _to_store(self, f: OpenFile, index: int, view: memoryview) -> bytes | None:
@@ -229,8 +228,7 @@ class Fetcher:
 
     async def _uncached(self, f: OpenFile, index: int, view: memoryview, error: Exception) -> bytes:
         """The chunk from the origin into memory only: the cache disk failed (``error``)."""
-        log.warning("cache write failed; serving from memory", extra={
-            "uri": f.info.uri, "chunk": index, "error": str(error)})
+        _warn_uncached(f, index, error)
         await self.origin.read_into(f.info, f.entry.offset(index), view)
         return await asyncio.to_thread(bytes, view)
 
@@ -248,8 +246,7 @@ class Fetcher:
         except CorruptData:
             raise self._changed_under_etag(f, index) from None
         except CacheError as e:
-            log.warning("cache write failed; serving from memory", extra={
-                "uri": f.info.uri, "chunk": index, "error": str(e)})
+            _warn_uncached(f, index, e)
             return bytes(view)
 
     async def verify(self, f: OpenFile, index: int) -> bool:
@@ -325,6 +322,11 @@ class Fetcher:
     async def close(self) -> None:
         for task in list(self._prefetch.values()):
             task.cancel()
+
+
+def _warn_uncached(f: OpenFile, index: int, error: Exception) -> None:
+    log.warning("cache write failed; serving from memory", extra={
+        "uri": f.info.uri, "chunk": index, "error": str(error)})
 
 
 def _consume_exception(future: asyncio.Future) -> None:

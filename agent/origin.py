@@ -23,7 +23,7 @@ import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import fsspec
 
@@ -404,14 +404,7 @@ class Origin:
 
     async def read_into(self, obj: ObjectInfo, start: int, buf: memoryview) -> None:
         """Fill ``buf`` with bytes [start, start+len(buf)) of ``obj``, retrying transient faults."""
-        end = start + len(buf)
-        if not 0 <= start <= end <= obj.size:
-            raise UsageError(f"{obj.uri}: range {start}-{end} outside 0-{obj.size}")
-        reader = self._read_s3 if self.is_s3 else self._read_generic
-        await self._call("get", obj.uri, reader, obj, start, buf,
-                         what=f"GET {obj.uri} bytes {start}-{end - 1}")
-        if self.metrics:
-            self.metrics.origin_bytes.inc(len(buf))
+        await self._get(obj, start, buf, self._read_s3 if self.is_s3 else self._read_generic)
 
     @property
     def can_land(self) -> bool:
@@ -424,12 +417,17 @@ class Origin:
         piece as they arrive (``buf`` holds each piece in between), retrying transient faults;
         a retry starts again at ``pos`` 0. What ``write`` raises is not retried.
         """
-        end = start + len(buf)
         if not self.is_s3:
             raise UsageError(f"{obj.uri}: landing needs an S3 origin")
+        await self._get(obj, start, buf, functools.partial(self._read_s3, write=write))
+
+    async def _get(self, obj: ObjectInfo, start: int, buf: memoryview,
+                   reader: Callable[[ObjectInfo, int, memoryview], Awaitable[None]]) -> None:
+        """One ranged read through ``reader``: checked, retried, counted."""
+        end = start + len(buf)
         if not 0 <= start <= end <= obj.size:
             raise UsageError(f"{obj.uri}: range {start}-{end} outside 0-{obj.size}")
-        await self._call("get", obj.uri, self._read_s3, obj, start, buf, write,
+        await self._call("get", obj.uri, reader, obj, start, buf,
                          what=f"GET {obj.uri} bytes {start}-{end - 1}")
         if self.metrics:
             self.metrics.origin_bytes.inc(len(buf))

@@ -575,13 +575,14 @@ class ChunkStore:
 
     def abandon_landing(self, landing: Landing) -> None:
         """Close a landing whose chunk did not arrive whole. What part of it was written stays
-        unjournaled: never served; its blocks go back to the disk."""
-        if landing.fd >= 0 and landing.index not in landing.entry.present:
-            with contextlib.suppress(OSError):
-                punch_hole(landing.fd, landing.offset, landing.length)
+        unjournaled, never served, and its blocks go back to the disk; a present chunk it had
+        begun to overwrite is dropped."""
+        if landing.fd >= 0 and (landing.received or landing.index not in landing.entry.present):
+            self._discard_landed(landing)
         self._close_landing(landing)
 
     def _discard_landed(self, landing: Landing) -> None:
+        """Give back what a landing wrote (and the blocks allocated for it)."""
         if landing.index in landing.entry.present:  # its old bytes were overwritten
             self.drop_chunk(landing.entry, landing.index)
         else:

@@ -857,3 +857,16 @@ def test_torn_journal_tail_cannot_give_one_chunk_anothers_digest(make_store):
     assert 13 not in entry.digests
     store.write_chunk(entry, 13, memoryview(blob(CHUNK, 13)))  # CorruptData today
     assert store.has(entry, 13)
+
+
+def test_an_abandoned_landing_over_a_present_chunk_drops_it(make_store):
+    """Its old bytes were partly overwritten: the journal must not vouch for them any more."""
+    store = make_store()
+    entry = store.entry(ident())
+    data = blob(entry.identity.size)
+    land(store, entry, 0, data[:CHUNK])
+    landing = store.open_landing(entry, 0)
+    store.land_piece(landing, 0, memoryview(blob(100, 5)))
+    store.abandon_landing(landing)
+    assert not store.has(entry, 0) and store.used_bytes == 0
+    assert land(store, entry, 0, data[:CHUNK]) and store.read_verified(entry, 0) == data[:CHUNK]
