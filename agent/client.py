@@ -14,6 +14,7 @@ verifies every chunk against its digest and copies it kernel-side
 
 from __future__ import annotations
 
+import collections
 import json
 import mmap
 import os
@@ -38,19 +39,10 @@ def default_socket() -> str:
     return os.environ.get("COLDBREW_SOCKET") or DEFAULT_SOCKET
 
 
-class GetResult:
-    """What :meth:`AgentClient.get` copied, and from where."""
-
-    __slots__ = ("uri", "etag", "bytes", "chunks_from_cache_file", "chunks_streamed")
-
-    def __init__(self, uri: str, etag: str, size: int, from_file: int, streamed: int) -> None:
-        self.uri, self.etag, self.bytes = uri, etag, size
-        self.chunks_from_cache_file, self.chunks_streamed = from_file, streamed
-
-    def __repr__(self) -> str:
-        return (f"GetResult(uri={self.uri!r}, etag={self.etag!r}, bytes={self.bytes}, "
-                f"chunks_from_cache_file={self.chunks_from_cache_file}, "
-                f"chunks_streamed={self.chunks_streamed})")
+#: What :meth:`AgentClient.get` copied, and from where (a plain namedtuple: typing's
+#: NamedTuple would import typing at every CLI start, see above).
+GetResult = collections.namedtuple(
+    "GetResult", ["uri", "etag", "bytes", "chunks_from_cache_file", "chunks_streamed"])
 
 
 def _urlencode(query: dict[str, Any]) -> str:
