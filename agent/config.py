@@ -241,7 +241,7 @@ SETTINGS: tuple[Setting, ...] = (
             "a DNS name that resolves to every agent (a headless Service); peers use our p2p_port"),
     Setting("peers_refresh_s", _positive(float), 30.0, "how often peers_dns is resolved again"),
     # No cap by default: libtorrent's rate limiter also slows the start of every transfer
-    # (a peer's sending ramps up over ~1 s). Measured with bench/probe_peer.py, 1 GiB from one
+    # (a peer's sending ramps up over ~1 s). Measured with bench/probes/probe_peer.py, 1 GiB from one
     # peer: 4.0-4.9 s under a 1 GiB/s cap, 2.4-2.9 s with none or 10 GiB/s (bench/RESULTS.md).
     Setting("p2p_upload_limit", parse_size, 0,
             "most bytes per second served to peers, so they cannot starve this node's own loads "

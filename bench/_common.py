@@ -232,7 +232,7 @@ class AgentProc:
         return {**os.environ, **self.env, "COLDBREW_SOCKET": str(self.socket)}
 
     def start(self, timeout_s: float = 60.0) -> AgentProc:
-        from coldbrew.agent.client import AgentClient
+        from coldbrew.agent.control.client import AgentClient
         from coldbrew.agent.errors import AgentUnavailable
 
         with open(self.log_path, "ab") as log:

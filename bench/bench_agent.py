@@ -13,7 +13,7 @@ landed:
                   and aiobotocore; the faster median is the ceiling.
   (b+disk)        informational, no bar: (b) with boto3 into one file, its blocks allocated
                   first (fallocate), each range streamed in at its offset in 1 MiB pieces (the
-                  fastest plain way to land a download found here, bench/probe_landing.py):
+                  fastest plain way to land a download found here, bench/probes/probe_landing.py):
                   what (c) costs beyond it is the cache's own work.
   (c) prewarm     ``coldbrew prewarm URI --wait`` against a fresh agent (fresh cache dir,
                   started before the clock): CLI wall time, and the job's own elapsed_s.
@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
 
-from coldbrew.agent.s3data import TAIL_BYTES, BatchedWakeups
+from coldbrew.agent.origin.s3data import TAIL_BYTES, BatchedWakeups
 
 BUCKET = "coldbrew-bench"
 WARM_KEY = "bench/warmup.bin"  # a small object every client HEADs before its clock starts
@@ -142,7 +142,7 @@ def _read_body_boto3(body: Any, view: memoryview, mode: str) -> int:
 
 def _land_body_boto3(body: Any, buf: memoryview, fd: int, offset: int, want: int) -> int:
     """Stream a body into ``fd`` at ``offset`` in 1 MiB pieces, each written while it is
-    still in the CPU's cache (bench/probe_landing.py). Returns bytes written."""
+    still in the CPU's cache (bench/probes/probe_landing.py). Returns bytes written."""
     raw = body._raw_stream
     piece, got, wakeups = buf[:C.MiB], 0, BatchedWakeups(raw)
     while got < want:
@@ -307,7 +307,7 @@ class Bench:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     def start_s3(self) -> None:
-        from coldbrew.agent.locals3 import LocalS3
+        from coldbrew.agent.devtools.locals3 import LocalS3
 
         self.s3 = LocalS3(self.workdir / "s3", log_path=self.workdir / "weed.log")
         t0 = time.perf_counter()

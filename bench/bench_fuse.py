@@ -100,7 +100,7 @@ class Bench:
 
     def start_s3(self) -> None:
         from boto3.s3.transfer import TransferConfig
-        from coldbrew.agent.locals3 import LocalS3
+        from coldbrew.agent.devtools.locals3 import LocalS3
 
         self.s3 = LocalS3(self.workdir / "s3", log_path=self.workdir / "weed.log")
         self.s3.start()

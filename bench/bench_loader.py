@@ -378,7 +378,7 @@ def main() -> None:
         return
 
     from coldbrew.agent.config import parse_size
-    from coldbrew.agent.locals3 import LocalS3
+    from coldbrew.agent.devtools.locals3 import LocalS3
 
     size_target = parse_size(args.size)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="coldbrew-bench-loader-"))

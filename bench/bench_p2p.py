@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import _common as C  # noqa: E402
-from coldbrew.agent.locals3 import free_port_pair  # noqa: E402
+from coldbrew.agent.devtools.locals3 import free_port_pair  # noqa: E402
 from support.faultproxy import FaultProxy  # noqa: E402
 
 BUCKET = "p2p-bench"
@@ -55,7 +55,7 @@ class Bench:
         self.results: dict[str, Any] = {}
 
     def setup(self) -> None:
-        from coldbrew.agent.locals3 import LocalS3
+        from coldbrew.agent.devtools.locals3 import LocalS3
 
         self.s3 = LocalS3(self.workdir / "s3", log_path=self.workdir / "weed.log")
         self.s3.start()

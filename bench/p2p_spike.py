@@ -88,9 +88,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
 from coldbrew.agent.config import format_size, parse_size
-from coldbrew.agent.manifest import ChunkLayout, FileIdentity, digest, journal_line
-from coldbrew.agent.store import ChunkStore, Entry, Limits, chunk_name
-from coldbrew.agent.torrent import bencode  # the canonical encoder the agent uses
+from coldbrew.agent.core.manifest import ChunkLayout, FileIdentity, digest, journal_line
+from coldbrew.agent.cache.store import ChunkStore, Entry, Limits, chunk_name
+from coldbrew.agent.p2p.torrent import bencode  # the canonical encoder the agent uses
 
 MiB = 1 << 20
 FINDINGS: dict[str, Any] = {}  # experiment -> {figure: value}; printed and --json'd

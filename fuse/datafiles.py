@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable
 
-from ..agent.store import ChunkStore, Entry, digest_chunk_fd
+from ..agent.cache.store import ChunkStore, Entry, digest_chunk_fd
 
 #: Data files kept open across reads (one descriptor per cached file).
 _FDS_KEPT = 256

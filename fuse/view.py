@@ -73,9 +73,9 @@ from typing import Any, TypeVar
 import xxhash
 
 from ..agent.errors import ColdbrewError, ObjectChanged, RequestTimeout, errno_for
-from ..agent.fetcher import Fetcher, OpenFile, Priority
-from ..agent.origin import ObjectInfo
-from ..agent.store import Entry
+from ..agent.fetch.fetcher import Fetcher, OpenFile, Priority
+from ..agent.origin.origin import ObjectInfo
+from ..agent.cache.store import Entry
 from . import bufvec
 from .datafiles import DataFile, DataFiles
 from .metrics import FuseMetrics

@@ -484,7 +484,7 @@ class _Load:
     async def _find_agent(self) -> Any:
         if self.opts.agent is False:
             return None
-        from coldbrew.agent.client import AgentClient
+        from coldbrew.agent.control.client import AgentClient
 
         client = AgentClient(self.opts.socket, timeout_s=10.0)
         try:
@@ -600,7 +600,7 @@ class _Load:
                       if e["type"] == "file" and e["name"].endswith(".safetensors"))
 
     async def _origin(self, uri: str) -> Any:
-        from coldbrew.agent.origin import Origin
+        from coldbrew.agent.origin.origin import Origin
 
         settings = self._origin_settings(uri)
 
@@ -666,7 +666,7 @@ class _VersionCheck(_Load):
         self._origins: dict[Any, Any] = {}
 
     async def _origin(self, uri: str) -> Any:
-        from coldbrew.agent.origin import Origin
+        from coldbrew.agent.origin.origin import Origin
 
         settings = self._origin_settings(uri)
         if settings not in self._origins:

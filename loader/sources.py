@@ -17,7 +17,7 @@ never sees HTTP, cache files or digests. The sources:
   (a bad one is reported, re-ensured, then streamed); chunks the agent could not
   cache (cache full) are streamed over the socket.
 * :class:`OriginSource` — S3 or any fsspec URL through the agent's
-  :class:`~coldbrew.agent.origin.Origin` (retries, backoff, If-Match pinned to
+  :class:`~coldbrew.agent.origin.origin.Origin` (retries, backoff, If-Match pinned to
   the ETag): large views are filled by their own ranged GET straight into the
   destination memory; runs of small ones share one GET through a scratch buffer.
 
@@ -45,7 +45,7 @@ from coldbrew.agent.errors import (
     ObjectChanged,
     ObjectNotFound,
 )
-from coldbrew.agent.manifest import FileIdentity
+from coldbrew.agent.core.manifest import FileIdentity
 from coldbrew.loader.header import HEADER_PREFIX_BYTES, SafetensorsHeader, header_length, parse_prefix
 
 log = logging.getLogger("coldbrew.loader")

@@ -57,8 +57,8 @@ from typing import Any
 
 import xxhash
 
-from coldbrew.agent.blocks import allocate
-from coldbrew.agent.manifest import FileIdentity
+from coldbrew.agent.cache.blocks import allocate
+from coldbrew.agent.core.manifest import FileIdentity
 
 log = logging.getLogger("coldbrew.loader")
 

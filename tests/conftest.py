@@ -1,6 +1,6 @@
 """Shared fixtures: one real S3-compatible server per test session, a fresh bucket per test.
 
-Everything runs on 127.0.0.1: the SeaweedFS server (``coldbrew.agent.locals3``),
+Everything runs on 127.0.0.1: the SeaweedFS server (``coldbrew.agent.devtools.locals3``),
 the fault proxy in front of it, and real agent processes.
 """
 
@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from coldbrew.agent.locals3 import LocalS3  # noqa: E402
+from coldbrew.agent.devtools.locals3 import LocalS3  # noqa: E402
 from support.agentproc import AgentProcess  # noqa: E402
 from support.faultproxy import FaultProxy  # noqa: E402
 

@@ -207,7 +207,7 @@ def test_the_agent_raises_a_low_open_file_limit():
 
     code = """
 import resource
-from coldbrew.agent.daemon import raise_open_file_limit
+from coldbrew.agent.app.daemon import raise_open_file_limit
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
 before, after = raise_open_file_limit()

@@ -6,7 +6,7 @@ import json
 import random
 import time
 
-from coldbrew.agent.manifest import digest, replay_journal
+from coldbrew.agent.core.manifest import digest, replay_journal
 from support.data import put_random
 
 MiB = 1 << 20

@@ -173,8 +173,8 @@ def test_full_cache_disk_still_serves_correct_bytes(bucket, s3_client, make_agen
 def _entry_dir_on(disk: Path, cache_dir: Path, uri: str, etag: str, size: int) -> None:
     """Make the cache entry of (uri, etag, size) live on ``disk``: the store's free-space
     check looks at the cache dir's (large) disk, but the entry's data file lands on this one."""
-    from coldbrew.agent.manifest import FileIdentity
-    from coldbrew.agent.store import LAYOUT_VERSION
+    from coldbrew.agent.core.manifest import FileIdentity
+    from coldbrew.agent.cache.store import LAYOUT_VERSION
 
     key = FileIdentity(uri, etag, size).key()
     entry_dir = cache_dir / LAYOUT_VERSION / "files" / key[:2] / key
@@ -261,7 +261,7 @@ def test_range_reads_reuse_connections_and_never_a_cut_one(bucket, s3_client, s3
     hands its connection back to the pool (one connection for many GETs); a body cut short
     never goes back, so the next GET cannot read the rest of the old one."""
     from coldbrew.agent.config import OriginSettings
-    from coldbrew.agent.s3data import S3RangeReader
+    from coldbrew.agent.origin.s3data import S3RangeReader
 
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
@@ -290,7 +290,7 @@ def test_range_reads_reuse_connections_and_never_a_cut_one(bucket, s3_client, s3
 
 def _range_reader(s3, proxy, monkeypatch):
     from coldbrew.agent.config import OriginSettings
-    from coldbrew.agent.s3data import S3RangeReader
+    from coldbrew.agent.origin.s3data import S3RangeReader
 
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
@@ -304,7 +304,7 @@ def test_land_hands_bodies_on_in_pieces_on_reused_connections(bucket, s3_client,
                                                               monkeypatch):
     """A body goes on piece by piece, in order, through the head of the buffer; the connection
     is reused after a whole body and never after a cut one."""
-    from coldbrew.agent import s3data
+    from coldbrew.agent.origin import s3data
 
     data = put_random(s3_client, bucket, "m/land.bin", 3 * MiB + 5, 32)
     etag = s3_client.head_object(Bucket=bucket, Key="m/land.bin")["ETag"]
@@ -403,7 +403,7 @@ def test_the_low_water_mark_is_up_only_while_more_than_it_is_still_to_come():
     still to come after the piece."""
     from types import SimpleNamespace as NS
 
-    from coldbrew.agent.s3data import TAIL_BYTES, BatchedWakeups
+    from coldbrew.agent.origin.s3data import TAIL_BYTES, BatchedWakeups
 
     assert TAIL_BYTES >= BatchedWakeups.LOWAT + 8192
     with socket.create_server(("127.0.0.1", 0)) as server, \

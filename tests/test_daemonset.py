@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from coldbrew.agent.cli import build_parser
+from coldbrew.agent.app.cli import build_parser
 from coldbrew.agent.config import load_config
-from coldbrew.agent.prewarm_list import parse_file
+from coldbrew.agent.fetch.prewarm_list import parse_file
 from support.manifests import ROOT, VERSIONS, render, validate_all
 
 BASE = ROOT / "daemonset" / "base"
@@ -384,9 +384,9 @@ def test_the_agent_and_its_view_run_without_torch(tmp_path):
         "        if name.split('.')[0] in ('torch', 'safetensors', 'transformers', 'numpy'):\n"
         "            raise ImportError(f'{name} is not in the agent image')\n"
         "sys.meta_path.insert(0, _Block())\n")
-    code = ("import coldbrew.agent.daemon, coldbrew.agent.prewarm_list, coldbrew.fuse.mount, "
-            "coldbrew.fuse.view, coldbrew.agent.client\n"
-            "from coldbrew.agent.cli import main\n"
+    code = ("import coldbrew.agent.app.daemon, coldbrew.agent.fetch.prewarm_list, coldbrew.fuse.mount, "
+            "coldbrew.fuse.view, coldbrew.agent.control.client\n"
+            "from coldbrew.agent.app.cli import main\n"
             "raise SystemExit(main(['agent', '--help']))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=60, check=False)

@@ -1,6 +1,6 @@
 """The FUSE view's logic without a mount: paths, attributes, errnos, page-cache flags, verification.
 
-A real :class:`~coldbrew.agent.store.ChunkStore` on a temp dir and a small fake origin stand
+A real :class:`~coldbrew.agent.cache.store.ChunkStore` on a temp dir and a small fake origin stand
 behind the view; the view's coroutines run on an event loop in a thread, as in the agent.
 (The real mount is exercised in ``test_fuse.py``.)
 """
@@ -21,10 +21,10 @@ from types import SimpleNamespace
 import pytest
 from coldbrew.agent.config import load_config, parse_globs
 from coldbrew.agent.errors import ObjectChanged, ObjectNotFound, OriginUnavailable
-from coldbrew.agent.fetcher import Fetcher, OpenFile
+from coldbrew.agent.fetch.fetcher import Fetcher, OpenFile
 from coldbrew.agent.metrics import AgentMetrics
-from coldbrew.agent.origin import ObjectInfo
-from coldbrew.agent.store import ChunkStore, Limits
+from coldbrew.agent.origin.origin import ObjectInfo
+from coldbrew.agent.cache.store import ChunkStore, Limits
 from coldbrew.fuse import bufvec
 from coldbrew.fuse.metrics import FuseMetrics
 from coldbrew.fuse.view import View, ViewSettings, inode_of

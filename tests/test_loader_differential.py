@@ -216,7 +216,7 @@ def test_a_header_read_in_two_gets_never_resizes_a_buffer_a_reader_may_hold(monk
     import json
     import struct
 
-    from coldbrew.agent.origin import ObjectInfo
+    from coldbrew.agent.origin.origin import ObjectInfo
 
     header = json.dumps({"t": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}).encode()
     data = struct.pack("<Q", len(header)) + header + b"abcd"

@@ -19,7 +19,7 @@ import xxhash
 
 import coldbrew.loader.sources as sources
 from coldbrew.agent.errors import ObjectChanged, ObjectNotFound
-from coldbrew.agent.manifest import FileIdentity
+from coldbrew.agent.core.manifest import FileIdentity
 from coldbrew.loader import load_dir, load_file, wait_writeback
 from coldbrew.loader.writeback import LAYOUT, WriteThroughCache
 from support.faultproxy import Fault

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from coldbrew.agent.locals3 import free_port_pair
-from coldbrew.agent.manifest import Manifest, digest, sidecar_uri
+from coldbrew.agent.devtools.locals3 import free_port_pair
+from coldbrew.agent.core.manifest import Manifest, digest, sidecar_uri
 
 from support.data import put_random
 

@@ -17,11 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coldbrew.agent.errors import CorruptData
-from coldbrew.agent.manifest import FileIdentity, Manifest, digest, is_sidecar, sidecar_uri
+from coldbrew.agent.core.manifest import FileIdentity, Manifest, digest, is_sidecar, sidecar_uri
 from coldbrew.agent.metrics import AgentMetrics
-from coldbrew.agent.peers import P2PSettings, Swarm, Torrent
-from coldbrew.agent.store import ChunkStore, Limits
-from coldbrew.agent.torrent import bencode, info_hash, stripe_owner, torrent_bytes
+from coldbrew.agent.p2p.swarm import P2PSettings, Swarm, Torrent
+from coldbrew.agent.cache.store import ChunkStore, Limits
+from coldbrew.agent.p2p.torrent import bencode, info_hash, stripe_owner, torrent_bytes
 
 CHUNK = 64 << 10
 
@@ -211,7 +211,7 @@ def test_availability_comes_from_peer_bitfields_when_libtorrent_keeps_none() -> 
     connected, every piece must still count as available (else it goes to the origin)."""
     from types import SimpleNamespace
 
-    from coldbrew.agent.peers import _availability_from
+    from coldbrew.agent.p2p.swarm import _availability_from
 
     seed = SimpleNamespace(num_pieces=4, pieces=[True] * 4)
     partial = SimpleNamespace(num_pieces=2, pieces=[True, False, True, False])

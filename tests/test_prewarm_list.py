@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from coldbrew.agent.errors import ConfigError, UsageError
-from coldbrew.agent.prewarm_list import (
+from coldbrew.agent.fetch.prewarm_list import (
     MAX_RETRY_S,
     changed_settings,
     diff_lists,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from coldbrew.agent.slots import Slots, Waiter
+from coldbrew.agent.fetch.slots import Slots, Waiter
 
 
 def run(coro: Any) -> Any:

@@ -11,9 +11,9 @@ from typing import Callable, Iterator
 import pytest
 
 from coldbrew.agent.errors import CacheError, CacheFull, CorruptData, FileBusy
-from coldbrew.agent.manifest import FileIdentity, digest
+from coldbrew.agent.core.manifest import FileIdentity, digest
 from coldbrew.agent.metrics import AgentMetrics
-from coldbrew.agent.store import ChunkStore, Entry, Limits
+from coldbrew.agent.cache.store import ChunkStore, Entry, Limits
 
 CHUNK = 1024
 NO_LIMIT = Limits(size_bytes=None, reserve_bytes=0)

@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coldbrew.agent import retry as retry_mod
+from coldbrew.agent.origin import retry as retry_mod
 from coldbrew.agent.errors import (
     AccessDenied,
     ObjectNotFound,
     OriginUnavailable,
     TransientOriginError,
 )
-from coldbrew.agent.eviction import Candidate, capacity_bytes, choose_victims
-from coldbrew.agent.manifest import (
+from coldbrew.agent.core.eviction import Candidate, capacity_bytes, choose_victims
+from coldbrew.agent.core.manifest import (
     ChunkLayout,
     FileIdentity,
     Manifest,
@@ -28,7 +28,7 @@ from coldbrew.agent.manifest import (
     parse_journal,
     replay_journal,
 )
-from coldbrew.agent.retry import RetryPolicy, with_retries
+from coldbrew.agent.origin.retry import RetryPolicy, with_retries
 
 FAST = settings(max_examples=200, deadline=None, database=None)
 D0, D1, D2 = "0" * 32, "1" * 32, "a" * 32
@@ -496,7 +496,7 @@ def test_object_mtimes_come_from_datetimes_numbers_or_the_headers_own_text():
     """The data plane leaves LastModified as the HTTP header's text (agent/s3data.py)."""
     import datetime
 
-    from coldbrew.agent.origin import _mtime_of
+    from coldbrew.agent.origin.origin import _mtime_of
 
     when = datetime.datetime(2026, 12, 1, 22, 0, 5, tzinfo=datetime.timezone.utc)
     assert _mtime_of({"LastModified": "Tue, 01 Dec 2026 22:00:05 GMT"}) == when.timestamp()

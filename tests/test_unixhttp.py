@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from coldbrew.agent import unixhttp
-from coldbrew.agent.unixhttp import ProtocolError, Response, parse_head, request_bytes
+from coldbrew.agent.control import unixhttp
+from coldbrew.agent.control.unixhttp import ProtocolError, Response, parse_head, request_bytes
 
 
 def test_parse_head_reads_status_and_lowercases_names():
@@ -81,7 +81,7 @@ def test_hang_up_before_the_head_and_oversized_heads_are_errors():
 
 
 def test_no_socket_is_an_os_error_the_client_turns_into_advice(tmp_path):
-    from coldbrew.agent.client import AgentClient
+    from coldbrew.agent.control.client import AgentClient
     from coldbrew.agent.errors import AgentUnavailable
 
     with pytest.raises(FileNotFoundError):
@@ -91,7 +91,7 @@ def test_no_socket_is_an_os_error_the_client_turns_into_advice(tmp_path):
 
 
 # What a small CLI command imports on top of the interpreter's own start-up: each of these
-# costs every `coldbrew get/status/prewarm` milliseconds (bench/RESULTS.md, session 8).
+# costs every `coldbrew get/status/prewarm` milliseconds (bench/RESULTS.md, "Finding: the CLI's start").
 _HEAVY = ("pathlib", "typing", "urllib.parse", "dataclasses", "concurrent.futures", "logging",
           "asyncio", "http.client", "email", "ssl", "shutil", "coldbrew.agent.config")
 
@@ -101,13 +101,13 @@ _HEAVY = ("pathlib", "typing", "urllib.parse", "dataclasses", "concurrent.future
 def test_small_cli_commands_import_nothing_heavy(tmp_path, argv):
     code = ("import sys\n"
             "before = set(sys.modules)\n"
-            "from coldbrew.agent import cli\n"
+            "from coldbrew.agent.app import cli\n"
             f"rc = cli.main({argv!r} + ['--socket', {str(tmp_path / 'none.sock')!r}])\n"
             "print(rc, ' '.join(sorted(set(sys.modules) - before)))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     rc, _, loaded = out.stdout.strip().partition(" ")
     assert rc == "3", out  # no agent: it got as far as connecting
-    assert "coldbrew.agent.client" in loaded.split()
+    assert "coldbrew.agent.control.client" in loaded.split()
     assert not set(loaded.split()) & set(_HEAVY), loaded
 
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from coldbrew.agent.client import AgentClient
+from coldbrew.agent.control.client import AgentClient
 from coldbrew.agent.errors import AgentUnavailable
 
 

@@ -30,7 +30,7 @@ def allocate(fd: int, offset: int, length: int) -> None:
     A full disk then fails here (OSError, ENOSPC) before any byte is fetched or written,
     rather than part-way through; the range also gets its blocks in one extent, and the
     writes that follow skip the filesystem's per-block delayed allocation (measured here:
-    a 1 GiB prewarm 1.20 vs 1.34 s, agent 0.88 vs 0.99 CPU-s; bench/RESULTS.md, session 8).
+    a 1 GiB prewarm 1.20 vs 1.34 s, agent 0.88 vs 0.99 CPU-s; bench/RESULTS.md, "Finding: blocks allocated ahead").
     A filesystem that cannot allocate ahead (ext2/3-style files, some network and FUSE
     filesystems: EOPNOTSUPP) is left to allocate as the bytes are written.
     """

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
-from .errors import OriginUnavailable, TransientOriginError
+from ..errors import OriginUnavailable, TransientOriginError
 
 T = TypeVar("T")
 

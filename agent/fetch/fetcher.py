@@ -21,15 +21,15 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
-from .errors import CacheError, CorruptData, ObjectChanged
-from .metrics import AgentMetrics
-from .origin import ObjectInfo, Origin, finish_in_thread
+from ..errors import CacheError, CorruptData, ObjectChanged
+from ..metrics import AgentMetrics
+from ..origin.origin import ObjectInfo, Origin, finish_in_thread
 from .slots import Slots, Waiter
-from .store import ChunkStore, Entry
+from ..cache.store import ChunkStore, Entry
 
 if TYPE_CHECKING:
-    from .peers import Torrent
-    from .sharing import Sharing
+    from ..p2p.swarm import Torrent
+    from ..p2p.sharing import Sharing
 
 log = logging.getLogger("coldbrew.fetcher")
 

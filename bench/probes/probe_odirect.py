@@ -1,6 +1,6 @@
 """Probe: what writing 1 GiB of 16 MiB chunk files costs, through the page cache vs O_DIRECT.
 
-    python bench/probe_odirect.py [DIR]     (default: a temp dir on the same disk as /tmp)
+    python bench/probes/probe_odirect.py [DIR]     (default: a temp dir on the same disk as /tmp)
 
 Eight threads write 64 files of 16 MiB (the agent's chunk size and fetch width), twice
 each way, and print wall and CPU seconds. Groundwork for the agent's (c)/(b) bar

@@ -1,7 +1,7 @@
 """The agent's HTTP surfaces: the control API (unix socket) and /metrics (TCP).
 
 Control API, JSON over HTTP on a unix socket (``coldbrew`` CLI and the loader
-use :mod:`coldbrew.agent.client`):
+use :mod:`coldbrew.agent.control.client`):
 
     GET  /v1/health                       agent facts (version, origin, metrics address)
     POST /v1/prewarm   {uris}             start a prewarm job → job
@@ -35,8 +35,8 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from .. import __version__
-from .errors import (
+from ... import __version__
+from ..errors import (
     AccessDenied,
     ColdbrewError,
     FileBusy,
@@ -45,9 +45,9 @@ from .errors import (
     OriginUnavailable,
     UsageError,
 )
-from .fetcher import Fetcher, OpenFile, Priority
-from .jobs import Jobs
-from .metrics import SOURCES, AgentMetrics
+from ..fetch.fetcher import Fetcher, OpenFile, Priority
+from ..fetch.jobs import Jobs
+from ..metrics import SOURCES, AgentMetrics
 
 log = logging.getLogger("coldbrew.api")
 
@@ -392,7 +392,7 @@ class ControlAPI:
 
 
 def _key(item: dict[str, Any]) -> str:
-    from .manifest import FileIdentity
+    from ..core.manifest import FileIdentity
 
     return FileIdentity(item["uri"], item["etag"], item["size"]).key()
 

@@ -34,10 +34,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CacheError, CorruptData, ObjectChanged
-from .manifest import Manifest
-from .metrics import AgentMetrics
-from .store import ChunkStore, Entry
+from ..errors import CacheError, CorruptData, ObjectChanged
+from ..core.manifest import Manifest
+from ..metrics import AgentMetrics
+from ..cache.store import ChunkStore, Entry
 from .torrent import stripe_owner, torrent_bytes
 
 log = logging.getLogger("coldbrew.peers")

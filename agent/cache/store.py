@@ -56,12 +56,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import eviction
+from ..core import eviction
 from .blocks import allocate, punch_hole
-from .errors import CacheError, CacheFull, CorruptData, FileBusy, UsageError
-from .manifest import (ChunkLayout, FileIdentity, Manifest, digest, digester, drop_line,
+from ..errors import CacheError, CacheFull, CorruptData, FileBusy, UsageError
+from ..core.manifest import (ChunkLayout, FileIdentity, Manifest, digest, digester, drop_line,
                        journal_line, parse_journal, replay_journal)
-from .metrics import AgentMetrics
+from ..metrics import AgentMetrics
 
 log = logging.getLogger("coldbrew.store")
 

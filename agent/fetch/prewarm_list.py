@@ -43,8 +43,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from .config import SETTINGS
-from .errors import ColdbrewError, ConfigError
+from ..config import SETTINGS
+from ..errors import ColdbrewError, ConfigError
 from .jobs import Jobs, PrewarmJob
 
 log = logging.getLogger("coldbrew.prewarm_list")

@@ -1,6 +1,6 @@
 """Probe: can any plain downloader that lands its bytes on disk keep up with one that doesn't?
 
-    python bench/probe_landing.py [--size 1GiB] [--runs 3] [--modes mem,pwrite,stream,splice]
+    python bench/probes/probe_landing.py [--size 1GiB] [--runs 3] [--modes mem,pwrite,stream,splice]
 
 (run from the repository root with the project's venv, as root: it drops the page cache)
 
@@ -11,7 +11,7 @@ interleaved, each in a fresh process, on one local S3 server:
 
 * ``mem``: ranges read into reused buffers and dropped: bench_agent's (b);
 * ``pwrite``: as ``mem``, plus xxh3 of each range and one ``pwrite`` of it into one data
-  file (what the agent did until session 7);
+  file (the agent's first landing path);
 * ``splice``: socket -> pipe -> data file with ``splice(2)`` (no copy through user
   memory; plain HTTP only), then xxh3 over the file's pages through a read-only mmap;
 * ``direct`` (not by default): as ``pwrite``, with the data file opened ``O_DIRECT``
@@ -23,10 +23,10 @@ interleaved, each in a fresh process, on one local S3 server:
 * ``sparse``: as ``stream``, into a data file first truncated to the object's size (the
   agent's data file is);
 * ``falloc``: as ``sparse``, each range's blocks allocated (``posix_fallocate``) before
-  its GET, as the agent does since session 8;
+  its GET, as the agent does;
 * ``lowat``: as ``falloc``, each body read with its socket's receive low-water mark up
-  (``SO_RCVLOWAT``, :class:`coldbrew.agent.s3data.BatchedWakeups`), as the agent does since
-  session 8; ``memlowat``: ``mem`` read that way (in 1 MiB pieces, nothing written);
+  (``SO_RCVLOWAT``, :class:`coldbrew.agent.origin.s3data.BatchedWakeups`), as the agent does;
+  ``memlowat``: ``mem`` read that way (in 1 MiB pieces, nothing written);
 * ``mmap`` (not by default): the data file's range mapped, faulted in for writing
   (``MADV_POPULATE_WRITE``) and the body read straight into the mapping.
 
@@ -55,9 +55,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _common as C
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/_common
+import _common as C  # noqa: E402
 
-from coldbrew.agent.s3data import BatchedWakeups
+from coldbrew.agent.origin.s3data import BatchedWakeups
 
 BUCKET, KEY = "probe-landing", "object.bin"
 CONCURRENCY, CHUNK = 8, 16 * C.MiB
@@ -205,7 +206,7 @@ def worker(mode: str, out: str, scratch: str, size: int) -> None:
 def run(args: argparse.Namespace) -> None:
     import xxhash
 
-    from coldbrew.agent.locals3 import LocalS3
+    from coldbrew.agent.devtools.locals3 import LocalS3
 
     modes = args.modes.split(",")
     workdir = Path(tempfile.mkdtemp(prefix="coldbrew-landing-"))

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .errors import ColdbrewError
+from ..errors import ColdbrewError
 
 # Listeners `weed mini` opens; each gets its own free port.
 _PORT_FLAGS = ("master.port", "master.port.grpc", "filer.port", "filer.port.grpc", "volume.port",

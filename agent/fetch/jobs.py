@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ColdbrewError
+from ..errors import ColdbrewError
 from .fetcher import Fetcher, OpenFile, Priority
-from .metrics import AgentMetrics
+from ..metrics import AgentMetrics
 
 log = logging.getLogger("coldbrew.jobs")
 

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .client import AgentClient
-from .config import format_size, parse_size
-from .errors import AgentUnavailable, ColdbrewError
+from ..control.client import AgentClient
+from ..config import format_size, parse_size
+from ..errors import AgentUnavailable, ColdbrewError
 from .locals3 import LocalS3, free_port_pair, free_ports
 
 BUCKET = "models"
@@ -217,7 +217,7 @@ def _load_with_loader(agent: _Agent, shards: list[Path], workdir: Path, s3: Loca
         import torch
         from safetensors.torch import load_file as st_load_file
 
-        from ..loader import load_dir, wait_writeback
+        from ...loader import load_dir, wait_writeback
     except ImportError as e:
         print(f"  (loader steps skipped: {e}; install coldbrew[loader])")
         return
@@ -288,7 +288,7 @@ def _read_through_mount(mount: Path | None, shards: list[Path], nbytes: int) -> 
     if not same:
         raise ColdbrewError("bytes read through the FUSE mount differ from the source")
     try:
-        from ..loader import load_dir
+        from ...loader import load_dir
     except ImportError:
         return
     with _Step("FUSE: loader load_dir from the mounted directory", nbytes):

@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .. import __version__
+from ... import __version__
 from .discovery import PeerDirectory
-from .manifest import Manifest, sidecar_uri
-from .metrics import AgentMetrics
-from .origin import Origin
-from .peers import FIRST_S, Swarm, Torrent
-from .store import ChunkStore, Entry
+from ..core.manifest import Manifest, sidecar_uri
+from ..metrics import AgentMetrics
+from ..origin.origin import Origin
+from .swarm import FIRST_S, Swarm, Torrent
+from ..cache.store import ChunkStore, Entry
 
 if TYPE_CHECKING:
-    from .fetcher import OpenFile
+    from ..fetch.fetcher import OpenFile
 
 log = logging.getLogger("coldbrew.sharing")
 

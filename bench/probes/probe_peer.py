@@ -1,6 +1,6 @@
 """Probe: how fast one agent warms a file from a single peer, and what each side spends.
 
-    python bench/probe_peer.py [--size 1GiB] [--runs 3] [--agent-arg=--p2p-upload-limit=0 ...]
+    python bench/probes/probe_peer.py [--size 1GiB] [--runs 3] [--agent-arg=--p2p-upload-limit=0 ...]
 
 One local S3 server, one object of ``--size`` random bytes. Agent A prewarms it from S3;
 then, per run, a fresh agent B (its P2P port and A's as its only peer) prewarms it with A
@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/_common
 
 import _common as C  # noqa: E402
-from coldbrew.agent.locals3 import LocalS3, free_port_pair  # noqa: E402
+from coldbrew.agent.devtools.locals3 import LocalS3, free_port_pair  # noqa: E402
 
 BUCKET, KEY = "probe-peer", "model.bin"
 

@@ -23,10 +23,10 @@ import threading
 import xxhash
 
 from . import unixhttp
-from .errors import AgentUnavailable, ObjectChanged, error_from_kind
+from ..errors import AgentUnavailable, ObjectChanged, error_from_kind
 
 # No pathlib, typing, urllib.parse or dataclasses at import: every CLI command pays for
-# them at start (~10 ms together, measured; bench/RESULTS.md, session 8).
+# them at start (~10 ms together, measured; bench/RESULTS.md, "Finding: the CLI's start").
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, Iterator

@@ -22,15 +22,15 @@ from typing import Any
 
 from aiohttp import web
 
-from .api import ControlAPI
-from .config import AgentConfig
-from .errors import ColdbrewError, ConfigError
-from .fetcher import Fetcher
-from .jobs import Jobs
-from .metrics import AgentMetrics
-from .origin import Origin
-from .prewarm_list import PrewarmList
-from .store import ChunkStore, Limits
+from ..control.server import ControlAPI
+from ..config import AgentConfig
+from ..errors import ColdbrewError, ConfigError
+from ..fetch.fetcher import Fetcher
+from ..fetch.jobs import Jobs
+from ..metrics import AgentMetrics
+from ..origin.origin import Origin
+from ..fetch.prewarm_list import PrewarmList
+from ..cache.store import ChunkStore, Limits
 
 log = logging.getLogger("coldbrew.agent")
 
@@ -95,7 +95,7 @@ class Agent:
         self.jobs: Jobs | None = None
         self.api: ControlAPI | None = None
         self.mount: Any = None  # coldbrew.fuse.mount.Mount when --mount is set
-        self.sharing: Any = None  # coldbrew.agent.sharing.Sharing when P2P is on
+        self.sharing: Any = None  # coldbrew.agent.p2p.sharing.Sharing when P2P is on
         self.metrics_address = ""
         #: Names this agent to its peers (and is its BitTorrent peer id): 20 ASCII bytes.
         self.agent_id = "cb" + secrets.token_hex(9)
@@ -160,9 +160,9 @@ class Agent:
 
     async def _start_p2p(self) -> None:
         """libtorrent on p2p_port + 1, the peer endpoint on p2p_port, then discovery."""
-        from .discovery import PeerDirectory
-        from .peers import P2PSettings, Swarm
-        from .sharing import Sharing
+        from ..p2p.discovery import PeerDirectory
+        from ..p2p.swarm import P2PSettings, Swarm
+        from ..p2p.sharing import Sharing
 
         cfg = self.config
         assert self.store is not None and self.origin is not None and self.fetcher is not None
@@ -196,9 +196,9 @@ class Agent:
 
     async def _mount(self) -> None:
         """Mount the read-only FUSE view (imported here: the agent runs without FUSE otherwise)."""
-        from ..fuse.metrics import FuseMetrics
-        from ..fuse.mount import Mount
-        from ..fuse.view import View, ViewSettings
+        from ...fuse.metrics import FuseMetrics
+        from ...fuse.mount import Mount
+        from ...fuse.view import View, ViewSettings
 
         cfg = self.config
         assert self.fetcher is not None and cfg.mount is not None

@@ -1,6 +1,6 @@
 """Probe: FUSE passthrough through mfusepy, read speed against the backing file itself.
 
-    ./dev setup && .venv/bin/python bench/probe_passthrough.py [--size 1GiB]
+    ./dev setup && .venv/bin/python bench/probes/probe_passthrough.py [--size 1GiB]
 
 Groundwork for issue 4's cached-read bars (bench/RESULTS.md). A FUSE file opened in
 passthrough mode is read by the kernel straight from a backing file, so no request reaches
@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/_common
 import _common as C  # noqa: E402
 from coldbrew.fuse.mount import fuse_library, load_mfusepy  # noqa: E402
 from coldbrew.fuse.passthrough import FUSE_CAP_PASSTHROUGH, Passthrough, supported_by  # noqa: E402

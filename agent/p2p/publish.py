@@ -19,9 +19,9 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import OriginSettings
-from .manifest import Manifest, digest, sidecar_uri
-from .origin import ObjectInfo, Origin
+from ..config import OriginSettings
+from ..core.manifest import Manifest, digest, sidecar_uri
+from ..origin.origin import ObjectInfo, Origin
 
 log = logging.getLogger("coldbrew.publish")
 

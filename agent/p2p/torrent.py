@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Sequence
 
-from .manifest import Manifest
+from ..core.manifest import Manifest
 
 #: The name of the torrent's one file: the data file inside a cache entry (store.DATA_FILE).
 TORRENT_FILE = "data"

@@ -8,13 +8,13 @@ the same GETs through s3fs/aiobotocore cost ~1.5 CPU-s/GiB in the agent (aiohttp
 hands over ``bytes`` pieces that must then be copied into the buffer, all on the
 one event-loop thread). On a 2-core node shared with the S3 server that CPU is
 the throughput. So object *bytes* come through here, while metadata (HEAD,
-LIST) stays on s3fs (:mod:`coldbrew.agent.origin`), which owns error
+LIST) stays on s3fs (:mod:`coldbrew.agent.origin.origin`), which owns error
 translation and retries for both.
 
 A chunk bound for the cache is not read whole and then written (:meth:`S3RangeReader.land`):
 each 1 MiB piece is handed on to be written while it is still in the CPU's cache. Measured
 here, one 16 MiB ``pwrite`` per chunk cost up to 3-4x the CPU of the same bytes in pieces
-(``bench/probe_landing.py``; bench/RESULTS.md, session 7).
+(``bench/probes/probe_landing.py``; bench/RESULTS.md, "Finding: chunks land in the data file").
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import socket
 import threading
 from typing import Any, Callable
 
-from .config import OriginSettings
+from ..config import OriginSettings
 
 
 class S3RangeReader:
@@ -109,7 +109,7 @@ _PIECE = 1 << 20
 
 class BatchedWakeups:
     """SO_RCVLOWAT on a body's socket: its reader is woken once 256 KiB have arrived, not
-    for every few KiB. Measured here (bench/probe_landing.py ``lowat``): 0.08-0.12 CPU-s
+    for every few KiB. Measured here (bench/probes/probe_landing.py ``lowat``): 0.08-0.12 CPU-s
     less per GiB, in a reader of 0.5-0.8.
 
     The kernel wakes a sleeping reader once ``lowat`` bytes are queued, whatever it asked

@@ -27,8 +27,8 @@ from typing import Any, Awaitable, Callable
 
 import fsspec
 
-from .config import OriginSettings
-from .errors import (
+from ..config import OriginSettings
+from ..errors import (
     AccessDenied,
     BucketNotFound,
     ColdbrewError,
@@ -38,8 +38,8 @@ from .errors import (
     TransientOriginError,
     UsageError,
 )
-from .manifest import SIDECAR_DIR, FileIdentity, is_sidecar
-from .metrics import AgentMetrics
+from ..core.manifest import SIDECAR_DIR, FileIdentity, is_sidecar
+from ..metrics import AgentMetrics
 from .retry import RetryPolicy, with_retries
 
 log = logging.getLogger("coldbrew.origin")

@@ -21,14 +21,14 @@ import os
 import sys
 import time
 
-from .. import __version__
-from .client import AgentClient, default_socket
-from .errors import AgentUnavailable, ColdbrewError, ConfigError, UsageError
-from .units import format_size
+from ... import __version__
+from ..control.client import AgentClient, default_socket
+from ..errors import AgentUnavailable, ColdbrewError, ConfigError, UsageError
+from ..units import format_size
 
 # Every `coldbrew get/status/prewarm` is a fresh process, and its start is part of what the
 # user waits for: no pathlib, typing or dataclasses here (measured: ~10 ms of imports), and
-# argparse builds only the named command (bench/RESULTS.md, session 8).
+# argparse builds only the named command (bench/RESULTS.md, "Finding: the CLI's start").
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, Sequence
@@ -60,7 +60,7 @@ def _add_socket(p: argparse.ArgumentParser) -> None:
 
 
 def _agent_args(p: argparse.ArgumentParser) -> None:
-    from .config import SETTINGS
+    from ..config import SETTINGS
 
     p.add_argument("--config", default=None, help="TOML config file ($COLDBREW_CONFIG)")
     for s in SETTINGS:
@@ -180,9 +180,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
 
-    from .config import SETTINGS, load_config
+    from ..config import SETTINGS, load_config
     from .daemon import run_agent
-    from .logs import setup_logging
+    from ..logs import setup_logging
 
     config_path = args.config or os.environ.get("COLDBREW_CONFIG")
     config_file = Path(config_path) if config_path else None
@@ -317,8 +317,8 @@ def cmd_get(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .config import OriginSettings, parse_chunk_size
-    from .publish import publish
+    from ..config import OriginSettings, parse_chunk_size
+    from ..p2p.publish import publish
 
     try:
         chunk_size = parse_chunk_size(args.chunk_size)
@@ -356,7 +356,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..devtools.demo import run_demo
 
     return run_demo(args)
 
