@@ -23,6 +23,31 @@ from support.faultproxy import FaultProxy  # noqa: E402
 
 _bucket_ids = itertools.count()
 
+# --- test kinds -------------------------------------------------------------------------------
+# Every test gets one or more kinds, so `./dev test -m unit` is a fast inner loop and
+# `-m "not slow"` a quick full pass. Kinds come from what a test uses: a fixture that starts
+# the S3 server or needs root implies its kind; whole files that mount FUSE, run libtorrent or
+# need CUDA say so here. A test with none of them is a unit test (no servers, no mounts).
+KINDS = ("unit", "s3", "fuse", "p2p", "root", "cuda", "slow")
+_KIND_OF_FIXTURE = {"s3": "s3", "make_tmpfs": "root", "make_ext2": "root"}
+_KINDS_OF_FILE = {
+    "test_fuse.py": ("fuse", "root"), "test_fuse_view.py": ("fuse", "root"),
+    "test_loader_differential.py": ("fuse",), "test_p2p.py": ("p2p",), "test_p2p_units.py": ("p2p",),
+    "test_loader_cuda.py": ("cuda",), "test_demo.py": ("slow", "s3", "fuse", "p2p"),
+    "test_daemonset.py": ("fuse",),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        kinds = {_KIND_OF_FIXTURE[f] for f in getattr(item, "fixturenames", ()) if f in _KIND_OF_FIXTURE}
+        kinds.update(_KINDS_OF_FILE.get(item.path.name, ()))
+        kinds.update(m.name for m in item.iter_markers() if m.name in KINDS)
+        if not kinds - {"unit"}:
+            kinds.add("unit")
+        for kind in kinds:
+            item.add_marker(kind)
+
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
