@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
-from .units import GiB, KiB, MiB, format_size, parse_size  # noqa: F401 - format_size re-exported
+from .units import GiB, KiB, MiB, parse_size
 
 
 @dataclass(frozen=True)

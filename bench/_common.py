@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from coldbrew.agent.config import format_size  # noqa: F401 - re-exported for the benchmarks
+from coldbrew.agent.units import format_size  # noqa: F401 - re-exported for the benchmarks
 
 MB = 1_000_000  # throughput is reported in decimal MB/s
 MiB = 1 << 20
@@ -369,7 +369,7 @@ def size_arg(text: str) -> int:
     """argparse type for sizes like 1GiB (positive)."""
     import argparse
 
-    from coldbrew.agent.config import parse_size
+    from coldbrew.agent.units import parse_size
 
     try:
         n = parse_size(text)

@@ -377,7 +377,7 @@ def main() -> None:
         worker_main(args.worker)
         return
 
-    from coldbrew.agent.config import parse_size
+    from coldbrew.agent.units import parse_size
     from coldbrew.agent.devtools.locals3 import LocalS3
 
     size_target = parse_size(args.size)

@@ -124,15 +124,6 @@ def plan_reads(
     return _attach_empty(spans, empty) if empty else spans
 
 
-def chunks_for_span(span: ByteRange, chunk_size: int) -> range:
-    """Indexes of the fixed-size file chunks that ``[span.begin, span.end)`` touches."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if span.end <= span.begin:
-        return range(0)
-    return range(span.begin // chunk_size, (span.end - 1) // chunk_size + 1)
-
-
 def _cut(tensor: TensorEntry, span_bytes: int) -> Iterable[TensorPiece]:
     """Split a tensor's bytes at the grid lines (multiples of ``span_bytes``)."""
     begin = tensor.begin

@@ -21,7 +21,6 @@ from coldbrew.loader.plan import (
     NameFilter,
     ReadSpan,
     TensorPiece,
-    chunks_for_span,
     plan_reads,
     select_tensors,
 )
@@ -127,15 +126,6 @@ def test_plan_properties(
     check_plan(header, wanted, spans, span_bytes, max_gap)
 
 
-@settings(max_examples=200, deadline=None, database=None)
-@given(begin=st.integers(0, 1000), length=st.integers(0, 1000), chunk=st.integers(1, 100))
-def test_chunks_for_span_are_exactly_the_chunks_touched(begin: int, length: int, chunk: int) -> None:
-    span = ReadSpan(begin, begin + length, (), ())
-    touched = {offset // chunk for offset in range(begin, begin + length)}
-    got = chunks_for_span(span, chunk)
-    assert list(got) == sorted(touched)
-
-
 # --- examples ----------------------------------------------------------------------
 
 
@@ -192,7 +182,6 @@ def test_only_empty_tensors_give_one_span_with_nothing_to_read() -> None:
     header = make_header([5, 0, 0], data_start=512)
     spans = plan_reads(header, {"t1", "t2"})
     assert spans == [ReadSpan(517, 517, (header.by_name["t1"], header.by_name["t2"]), ())]
-    assert chunks_for_span(spans[0], 64) == range(0)
 
 
 def test_nothing_wanted_or_no_tensors_plan_nothing() -> None:
@@ -222,13 +211,3 @@ def test_plan_refuses_nonsense_sizes(span_bytes: int, max_gap: int) -> None:
     with pytest.raises(ValueError):
         plan_reads(make_header([4]), span_bytes=span_bytes, max_gap_bytes=max_gap)
 
-
-def test_chunks_for_span_examples() -> None:
-    chunk = 16 * MiB
-    assert chunks_for_span(ReadSpan(0, chunk, (), ()), chunk) == range(0, 1)
-    assert chunks_for_span(ReadSpan(chunk - 1, chunk + 1, (), ()), chunk) == range(0, 2)
-    assert chunks_for_span(ReadSpan(3 * chunk, 3 * chunk, (), ()), chunk) == range(0)
-    header = make_header([100], data_start=100)  # tensor bytes [100, 200)
-    assert chunks_for_span(header.tensors[0], 64) == range(1, 4)  # anything with begin/end
-    with pytest.raises(ValueError):
-        chunks_for_span(header.tensors[0], 0)

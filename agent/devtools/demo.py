@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..control.client import AgentClient
-from ..config import format_size, parse_size
+from ..units import format_size, parse_size
 from ..errors import AgentUnavailable, ColdbrewError
 from .locals3 import LocalS3, free_port_pair, free_ports
 
