@@ -20,10 +20,11 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
-from ..agent.cache.store import ChunkStore, Entry, digest_chunk_fd
+from ..agent.cache import verify
+from ..agent.cache.store import ChunkStore, Entry
 
 #: Data files kept open across reads (one descriptor per cached file).
 _FDS_KEPT = 256
@@ -183,6 +184,7 @@ class DataFiles:
 
 
 def _intact(data: DataFile, entry: Entry, index: int) -> bool:
+    """The one integrity check (:mod:`coldbrew.agent.cache.verify`) on the held descriptor;
+    an unreadable range counts as not intact: the chunk is dropped and fetched again."""
     start, end = entry.layout.bounds(index)
-    found = digest_chunk_fd(data.fd, start, end - start)
-    return found is not None and found == entry.digests.get(index)
+    return verify.intact_at(data.fd, start, end - start, entry.digests.get(index))

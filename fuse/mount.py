@@ -7,7 +7,7 @@ control socket appears, and unmounts first thing on SIGTERM/SIGINT.
 
 * **libfuse3, not 2.** mfusepy picks ``libfuse.so.2`` when both are installed;
   ``FUSE_LIBRARY_NAME=fuse3`` is set before it is imported, and a libfuse 2 is refused
-  (128 KiB requests, measured ~2.5x slower; DESIGN.md decision 7).
+  (128 KiB requests, measured ~2.5x slower; docs/architecture.md, The FUSE view).
 * **Read-ahead.** The kernel gives a FUSE mount 128 KiB of read-ahead whatever the
   daemon asks at init; only the mount's backing device info can raise it
   (``/sys/class/bdi/<major:minor>/read_ahead_kb``). With 4 MiB there, sequential
@@ -215,7 +215,7 @@ class Mount:
         def serve() -> None:
             try:
                 mfusepy.FUSE(self.view, str(self.mountpoint), **options)
-            except BaseException as e:  # noqa: BLE001 - reported by start() or stop()
+            except BaseException as e:  # reported by start() or stop()
                 self._error = e
             finally:
                 self._ready.set()
@@ -265,13 +265,13 @@ class Mount:
             return
         conn.want |= passthrough.FUSE_CAP_PASSTHROUGH
         conn.max_backing_stack_depth = 1
-        self.view.passthrough = passthrough.Passthrough(mfusepy)
+        self.view.modes.passthrough = passthrough.Passthrough(mfusepy)
         self.passthrough = True
         if conn.capable & passthrough.FUSE_CAP_DIRECT_IO_ALLOW_MMAP:
             # Opens not passed through can then be direct_io (one copy of a model in page
             # cache, not two) and still be mmapped, as safetensors does.
             conn.want |= passthrough.FUSE_CAP_DIRECT_IO_ALLOW_MMAP
-            self.view.direct_mmap = True
+            self.view.modes.direct_mmap = True
 
     @property
     def alive(self) -> bool:

@@ -91,7 +91,7 @@ class Passthrough:
         try:
             arg = bytearray(struct.pack("iIQ", fd, 0, 0))
             return fcntl.ioctl(self._fd(), FUSE_DEV_IOC_BACKING_OPEN, arg, True)
-        except Exception as e:  # noqa: BLE001 - an optimisation: any failure turns it off
+        except Exception as e:
             self.enabled = False
             why = ("the agent lacks CAP_SYS_ADMIN" if getattr(e, "errno", None) == errno.EPERM
                    else f"registering a backing file failed: {e}")

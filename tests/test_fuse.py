@@ -35,7 +35,7 @@ def _fuse_missing() -> str | None:
         from coldbrew.fuse.mount import load_mfusepy
 
         load_mfusepy()
-    except Exception as e:  # noqa: BLE001 - any reason is a reason to skip
+    except Exception as e:
         return f"FUSE binding unavailable: {e}"
     return None
 

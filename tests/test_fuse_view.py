@@ -19,12 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
+
+from coldbrew.agent.cache.store import ChunkStore, Limits
 from coldbrew.agent.config import load_config, parse_globs
 from coldbrew.agent.errors import ObjectChanged, ObjectNotFound, OriginUnavailable
 from coldbrew.agent.fetch.fetcher import Fetcher, OpenFile
 from coldbrew.agent.metrics import AgentMetrics
 from coldbrew.agent.origin.origin import ObjectInfo
-from coldbrew.agent.cache.store import ChunkStore, Limits
 from coldbrew.fuse import bufvec
 from coldbrew.fuse.metrics import FuseMetrics
 from coldbrew.fuse.view import View, ViewSettings, inode_of
@@ -207,7 +208,7 @@ def test_reads_are_exact_pinned_and_verified(world):
     view = world.view
     fi = _fi()
     view.open("/m/w.dat", fi)
-    handle = view._handles[fi.fh]
+    handle = view.handles.get(fi.fh)
     assert world.store.pinned(handle.file.entry)
     assert _read(view, "/m/w.dat", 1000, 0, fi) == data[:1000]
     assert _read(view, "/m/w.dat", 2 * CHUNK, CHUNK - 10, fi) == data[CHUNK - 10:3 * CHUNK - 10]  # spans
@@ -293,9 +294,9 @@ def test_reads_hand_libfuse_descriptors_that_stay_open_while_it_may_use_them(wor
     # the worker's last reply used it, so it must still be open.
     for name in ("b", "c"):
         assert _read(view, f"/m/{name}.dat", 100, CHUNK, fis[name]) == files[name][CHUNK:CHUNK + 100]
-    a_key = view._handles[fis["a"].fh].file.entry.key
+    a_key = view.handles.get(fis["a"].fh).file.entry.key
     assert a_key not in view.files._files, "a.dat was dropped from the table"
-    a_data = view._handles[fis["a"].fh].file.entry.data_path
+    a_data = view.handles.get(fis["a"].fh).file.entry.data_path
     assert _is_open(fd_a) and os.fstat(fd_a).st_ino == a_data.stat().st_ino, \
         "closed while libfuse could still be reading from it"
     assert len(_open_fds() - before) <= 3  # 2 kept + the one held for the worker
@@ -342,7 +343,7 @@ def test_reads_are_exact_when_the_cache_cannot_store_chunks(tmp_path, loop):
         assert _read(view, "/m/full.dat", 1000, 5, fi) == data[5:1005]
         assert _read(view, "/m/full.dat", 2 * CHUNK, CHUNK // 2, fi) == data[CHUNK // 2:CHUNK // 2 + 2 * CHUNK]
         assert _read(view, "/m/full.dat", CHUNK, 3 * CHUNK - 3, fi) == data[3 * CHUNK - 3:]
-        handle = view._handles[fi.fh]
+        handle = view.handles.get(fi.fh)
         assert set(handle.uncached) == {0, 1, 2}, "served from memory"
         assert not any(store.has(handle.file.entry, i) for i in range(3))
         assert list(view.files._files) == [handle.file.entry.key], "the last chunk came from its file"
@@ -443,15 +444,15 @@ class KernelRules:
         if held_mode == "cached" and mode == "cached":
             self.inode[path] = ("cached", n - 1) if n > 1 else ("", 0)
         elif held_mode == "passthrough" and mode == "passthrough" and not any(
-                h.mode == "passthrough" for h in self.view._handles.values()):
+                h.mode == "passthrough" for h in self.view.handles.values()):
             del self.inode[path]
 
 
 def _kernel_world(world, direct_mmap: bool):
     kernel = KernelRules()
     kernel.view = world.view
-    world.view.passthrough = kernel  # type: ignore[assignment]
-    world.view.direct_mmap = direct_mmap
+    world.view.modes.passthrough = kernel  # type: ignore[assignment]
+    world.view.modes.direct_mmap = direct_mmap
 
     def opened(path: str):
         fi = _fi()
@@ -459,7 +460,7 @@ def _kernel_world(world, direct_mmap: bool):
         return fi, kernel.opened(path.strip("/"), fi)
 
     def release(path: str, fi) -> None:
-        mode = world.view._handles[fi.fh].mode
+        mode = world.view.handles.get(fi.fh).mode
         world.view.release(path, fi)
         kernel.released(path.strip("/"), mode)
 
@@ -481,7 +482,7 @@ def test_passthrough_obeys_the_kernels_rules_per_inode(world):
     release("/m/p.dat", second)
     first, mode = opened("/m/p.dat")
     assert mode == "passthrough" and first.backing_id == 1
-    entry = view._handles[first.fh].file.entry
+    entry = view.handles.get(first.fh).file.entry
     assert kernel.files[1] == entry.data_path.stat().st_ino, "the cache's data file is the backing file"
     again, mode = opened("/m/p.dat")
     assert mode == "passthrough" and again.backing_id == 1, "one backing file per inode"
@@ -530,7 +531,7 @@ def test_a_dropped_chunk_is_fetched_again_before_an_open_joins_the_passthrough(w
     release("/m/d.dat", warm)
     first, mode = opened("/m/d.dat")
     assert mode == "passthrough"
-    entry = view._handles[first.fh].file.entry
+    entry = view.handles.get(first.fh).file.entry
     world.store.drop_chunk(entry, 1)  # e.g. found corrupt by a reader of the cache's API
     gets = [c for c in world.origin.calls if c.startswith("get ")]
     joined, mode = opened("/m/d.dat")
@@ -547,10 +548,10 @@ def test_a_dropped_chunk_is_fetched_again_before_an_open_joins_the_passthrough(w
     world.origin.read_into = down  # type: ignore[method-assign]
     refused = _fi()
     assert _errno(view.open, "/m/d.dat", refused) == errno.EIO, "never a hole passed through"
-    assert view._pages["m/d.dat"].backing.opens == 2, "the opens passed through are untouched"
+    assert view.modes.page("m/d.dat").backing.opens == 2, "the opens passed through are untouched"
     for fi in (first, joined):
         release("/m/d.dat", fi)
-    assert kernel.closed == [1] and view._pages["m/d.dat"].backing is None
+    assert kernel.closed == [1] and view.modes.page("m/d.dat").backing is None
 
 
 def test_a_refused_backing_file_turns_passthrough_off_and_the_open_still_works(world):
@@ -569,7 +570,7 @@ def test_a_refused_backing_file_turns_passthrough_off_and_the_open_still_works(w
 
     refusing = Refusing()
     view = world.view
-    view.passthrough = refusing
+    view.modes.passthrough = refusing
     data = os.urandom(CHUNK + 3)
     world.origin.put("m/r.dat", data)
     fi = _fi()
@@ -609,7 +610,7 @@ def test_prefetch_on_open_follows_the_globs(world, loop):
     for path in ("/m/model.safetensors", "/m/notes.txt"):
         fi = _fi()
         view.open(path, fi)
-        f: OpenFile = view._handles[fi.fh].file
+        f: OpenFile = view.handles.get(fi.fh).file
 
         async def settle(f=f):
             task = world.fetcher._prefetch.get(f.entry.key)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
-from coldbrew.agent.errors import CacheError, CacheFull, CorruptData, FileBusy
-from coldbrew.agent.core.manifest import FileIdentity, digest
-from coldbrew.agent.metrics import AgentMetrics
+from coldbrew.agent.cache import verify
 from coldbrew.agent.cache.store import ChunkStore, Entry, Limits
+from coldbrew.agent.core.manifest import FileIdentity, digest
+from coldbrew.agent.errors import CacheError, CacheFull, CorruptData, FileBusy
+from coldbrew.agent.metrics import AgentMetrics
 
 CHUNK = 1024
 NO_LIMIT = Limits(size_bytes=None, reserve_bytes=0)
@@ -733,13 +734,13 @@ def test_concurrent_writers_never_overshoot_the_limit(make_store, monkeypatch):
     store = make_store(limits=Limits(size_bytes=4 * CHUNK, reserve_bytes=0))
     entry = store.entry(ident(size=8 * CHUNK))
     asked = threading.Barrier(8, timeout=10)
-    real_write = store._pwrite
+    real_write = store.disk.write_at
 
     def held_write(entry, offset, data):
         real_write(entry, offset, data)
         asked.wait()  # every writer has been granted room, or refused, by now
 
-    real_make_room = store._make_room
+    real_make_room = store.space.make_room
 
     def make_room(nbytes, for_entry):
         try:
@@ -748,8 +749,8 @@ def test_concurrent_writers_never_overshoot_the_limit(make_store, monkeypatch):
             asked.wait()
             raise
 
-    monkeypatch.setattr(store, "_pwrite", held_write)
-    monkeypatch.setattr(store, "_make_room", make_room)
+    monkeypatch.setattr(store.disk, "write_at", held_write)
+    monkeypatch.setattr(store.space, "make_room", make_room)
     outcomes: list[str] = []
 
     def write(i: int) -> None:
@@ -766,7 +767,7 @@ def test_concurrent_writers_never_overshoot_the_limit(make_store, monkeypatch):
         t.join(30)
     assert sorted(outcomes) == ["full"] * 4 + ["stored"] * 4
     assert store.used_bytes == 4 * CHUNK and len(entry.present) == 4
-    assert store._reserved == 0, "every reservation was given back"
+    assert store.space.reserved == 0, "every reservation was given back"
 
 
 def test_unpin_makes_a_file_evictable_again(make_store):
@@ -870,3 +871,40 @@ def test_an_abandoned_landing_over_a_present_chunk_drops_it(make_store):
     store.abandon_landing(landing)
     assert not store.has(entry, 0) and store.used_bytes == 0
     assert land(store, entry, 0, data[:CHUNK]) and store.read_verified(entry, 0) == data[:CHUNK]
+
+
+# --- the one integrity check (verify.py), which every reader of cached bytes asks ----------------
+
+
+def test_intact_needs_the_recorded_digest_and_rejects_a_flip_or_an_unknown_one():
+    data = blob(3 * CHUNK + 7)
+    good = digest(data)
+    flipped = bytearray(data)
+    flipped[CHUNK + 1] ^= 1
+    assert verify.intact(data, good) and verify.intact(memoryview(data), good)
+    assert not verify.intact(bytes(flipped), good)
+    assert not verify.intact(data[:-1], good), "a short read is not intact"
+    assert not verify.intact(data, None), "a chunk nobody verified is not served as verified"
+    pieces = [memoryview(data)[:10], memoryview(data)[10:CHUNK], memoryview(data)[CHUNK:]]
+    assert verify.intact_pieces(pieces, good)
+    assert not verify.intact_pieces(pieces[::-1], good), "the pieces count in order"
+    assert not verify.intact_pieces(pieces, None)
+
+
+@pytest.mark.parametrize("offset", [0, 4096, CHUNK + 5])  # a chunk need not start on a page
+def test_intact_at_hashes_a_range_of_an_open_file(tmp_path, offset):
+    data = blob(2 * CHUNK + 3, 4)
+    path = tmp_path / "data"
+    path.write_bytes(bytes(offset) + data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert verify.digest_at(fd, offset, len(data)) == digest(data)
+        assert verify.intact_at(fd, offset, len(data), digest(data))
+        assert not verify.intact_at(fd, offset, len(data), digest(data[:-1] + b"x"))
+        assert verify.digest_at(fd, offset, len(data) + 1) is None, "past the end of the file"
+        assert not verify.intact_at(fd, offset, len(data) + 1, digest(data))
+        assert verify.digest_at(fd, offset, 0) == digest(b"")
+        assert not verify.intact_at(fd, offset, len(data), None)
+    finally:
+        os.close(fd)
+    assert not verify.intact_at(fd, offset, len(data), digest(data)), "an unreadable file is not intact"

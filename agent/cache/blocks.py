@@ -10,7 +10,7 @@ import ctypes
 import errno
 import functools
 import os
-from typing import Callable
+from collections.abc import Callable
 
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
