@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from coldbrew.agent.devtools.locals3 import free_port_pair
-from coldbrew.agent.core.manifest import Manifest, digest, sidecar_uri
-
 from support.data import put_random
+
+from coldbrew.agent.core.manifest import Manifest, digest, sidecar_uri
+from coldbrew.agent.devtools.locals3 import free_port_pair
 
 CHUNK = 1 << 20
 CHUNK_ARG = "1MiB"

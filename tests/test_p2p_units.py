@@ -16,11 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coldbrew.agent.errors import CorruptData
+from coldbrew.agent.cache.store import ChunkStore, Limits
 from coldbrew.agent.core.manifest import FileIdentity, Manifest, digest, is_sidecar, sidecar_uri
+from coldbrew.agent.errors import CorruptData
 from coldbrew.agent.metrics import AgentMetrics
 from coldbrew.agent.p2p.swarm import P2PSettings, Swarm, Torrent
-from coldbrew.agent.cache.store import ChunkStore, Limits
 from coldbrew.agent.p2p.torrent import bencode, info_hash, stripe_owner, torrent_bytes
 
 CHUNK = 64 << 10

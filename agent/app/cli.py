@@ -31,7 +31,8 @@ from ..units import format_size
 # argparse builds only the named command (bench/RESULTS.md, "Finding: the CLI's start").
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable, Sequence
+    from collections.abc import Callable, Sequence
+    from typing import Any
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -181,8 +182,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..config import SETTINGS, load_config
-    from .daemon import run_agent
     from ..logs import setup_logging
+    from .daemon import run_agent
 
     config_path = args.config or os.environ.get("COLDBREW_CONFIG")
     config_file = Path(config_path) if config_path else None

@@ -22,15 +22,16 @@ from typing import Any
 
 from aiohttp import web
 
-from ..control.server import ControlAPI
+from ..cache.store import ChunkStore, Limits
 from ..config import AgentConfig
+from ..control.server import ControlAPI
 from ..errors import ColdbrewError, ConfigError
 from ..fetch.fetcher import Fetcher
 from ..fetch.jobs import Jobs
+from ..fetch.prewarm_list import PrewarmList
+from ..fetch.sources import ChunkSource
 from ..metrics import AgentMetrics
 from ..origin.origin import Origin
-from ..fetch.prewarm_list import PrewarmList
-from ..cache.store import ChunkStore, Limits
 
 log = logging.getLogger("coldbrew.agent")
 
@@ -118,16 +119,18 @@ class Agent:
         self.origin = Origin(cfg.origin_settings, self.metrics)
         if cfg.check_origin:
             await self.origin.check()
-        self.fetcher = Fetcher(self.origin, self.store, self.metrics, cfg.fetch_concurrency)
+        # P2P first: the fetcher is built with its peer source.
+        peers = await self._start_p2p() if cfg.p2p_port else None
+        self.fetcher = Fetcher(self.origin, self.store, self.metrics, cfg.fetch_concurrency,
+                               peers=peers)
         await asyncio.to_thread(self.fetcher.slots.preallocate)
         self.jobs = Jobs(self.fetcher, self.metrics)
         if self.config_file is not None:  # a bad list stops the start, like a bad setting
             self.prewarm_list = PrewarmList(self.config_file, self.jobs, self.origin.resolve,
                                             cfg.prewarm_reload_s, self.metrics.registry)
             self.prewarm_list.load()
-        self.api = ControlAPI(self.fetcher, self.jobs, self.metrics, facts={})
-        if cfg.p2p_port:
-            await self._start_p2p()
+        self.api = ControlAPI(self.fetcher, self.jobs, self.metrics, facts={},
+                              p2p_status=self.sharing.status if self.sharing else None)
         await self._serve_metrics()
         if cfg.mount is not None:
             await self._mount()
@@ -158,14 +161,16 @@ class Agent:
         bound = runner.addresses[0]
         self.metrics_address = f"{bound[0]}:{bound[1]}"
 
-    async def _start_p2p(self) -> None:
-        """libtorrent on p2p_port + 1, the peer endpoint on p2p_port, then discovery."""
+    async def _start_p2p(self) -> ChunkSource:
+        """libtorrent on p2p_port + 1, the peer endpoint on p2p_port, then discovery.
+        Returns the fetcher's peer source."""
         from ..p2p.discovery import PeerDirectory
-        from ..p2p.swarm import P2PSettings, Swarm
+        from ..p2p.peer_source import PeerSource
         from ..p2p.sharing import Sharing
+        from ..p2p.swarm import P2PSettings, Swarm
 
         cfg = self.config
-        assert self.store is not None and self.origin is not None and self.fetcher is not None
+        assert self.store is not None and self.origin is not None
         swarm = Swarm(P2PSettings(cfg.p2p_address, cfg.p2p_port + 1, cfg.p2p_upload_limit,
                                   cfg.p2p_chunk_timeout_s),
                       self.agent_id, self.store, self.metrics, asyncio.get_running_loop())
@@ -181,7 +186,6 @@ class Agent:
         directory = PeerDirectory(self.agent_id, cfg.peers, cfg.peers_dns, cfg.p2p_port,
                                   cfg.peers_refresh_s, peers_changed)
         self.sharing = Sharing(swarm, directory, self.store, self.origin, self.metrics)
-        self.fetcher.sharing = self.sharing
         await self.sharing.start()
         runner = web.AppRunner(self.sharing.peer_app(self.agent_id), access_log=None)
         await runner.setup()
@@ -193,6 +197,7 @@ class Agent:
                               f"{e.strerror}") from e
         self._runners.append(runner)
         self._tasks.append(asyncio.create_task(directory.run()))
+        return PeerSource(self.sharing)
 
     async def _mount(self) -> None:
         """Mount the read-only FUSE view (imported here: the agent runs without FUSE otherwise)."""

@@ -1,11 +1,12 @@
-"""Making chunks present: cache first, then origin — one fetch per chunk, in priority order.
+"""Making chunks present: one fetch per chunk, in priority order, its sources asked in turn.
 
-However many readers wait on a cold chunk, one origin GET fetches it
-(single-flight); the others join that fetch. Sources are tried cache → peers →
-origin (peers when P2P is on and the file is shared: :mod:`.sharing`, :mod:`.peers`).
-A cache disk that is full or failing never fails a read: the bytes fetched from
-origin are handed to the waiters straight from memory, and the failure is logged
-and counted.
+However many readers wait on a cold chunk, one fetch gets it (single-flight); the others
+join that fetch. The fetch asks the fetcher's sources in order (:mod:`.sources`): the
+cache, then the peers when P2P is on (``peers``, a source from ``agent/p2p``), then the
+origin (:mod:`.origin_source`), which never passes. A chunk that became another agent's
+to fetch while it waited for an origin slot goes back to the first source, at most
+``_ROUNDS`` times. A cache disk that is full or failing never fails a read: the origin
+source hands the bytes back from memory.
 
 The fetcher also owns the stat cache (URI → ObjectInfo, briefly) and the
 read-ahead that follows a reader through a file.
@@ -14,68 +15,51 @@ read-ahead that follows a reader through a file.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
-from dataclasses import dataclass
-from enum import IntEnum
-from typing import TYPE_CHECKING, Any
 
-from ..errors import CacheError, CorruptData, ObjectChanged
+from ..cache.store import ChunkStore
+from ..errors import CacheError, ColdbrewError, CorruptData, ObjectChanged
 from ..metrics import AgentMetrics
-from ..origin.origin import ObjectInfo, Origin, finish_in_thread
-from .slots import Slots, Waiter
-from ..cache.store import ChunkStore, Entry
+from ..origin.origin import ObjectInfo, Origin
+from .origin_source import OriginSource
+from .slots import Slots
+from .sources import CacheSource, ChunkRequest, ChunkSource, OpenFile, Outcome, Priority
 
-if TYPE_CHECKING:
-    from ..p2p.swarm import Torrent
-    from ..p2p.sharing import Sharing
+__all__ = ["Fetcher", "OpenFile", "Priority"]
 
 log = logging.getLogger("coldbrew.fetcher")
 
 
 #: A chunk goes back to waiting on peers at most this many times before the origin is final.
 _ROUNDS = 3
-_NOT_YET = object()
-
-
-class Priority(IntEnum):
-    """Lower is sooner."""
-
-    READ = 0  # a reader is blocked on this chunk
-    PREFETCH = 5  # a reader will want it soon
-    PREWARM = 10  # someone wants it on this node eventually
-
-
-@dataclass(frozen=True)
-class OpenFile:
-    """A file pinned to one version (ETag) and its cache entry."""
-
-    info: ObjectInfo
-    entry: Entry
 
 
 class _Flight:
     """One chunk fetch in progress that several callers may wait on."""
 
-    def __init__(self, future: asyncio.Future[bytes | None]) -> None:
+    def __init__(self, request: ChunkRequest, future: asyncio.Future[bytes | None]) -> None:
+        self.request = request
         self.future = future
-        self.waiters: list[Waiter] = []
 
 
 class Fetcher:
     def __init__(self, origin: Origin, store: ChunkStore, metrics: AgentMetrics,
-                 concurrency: int, stat_ttl_s: float = 2.0) -> None:
+                 concurrency: int, stat_ttl_s: float = 2.0, peers: ChunkSource | None = None) -> None:
         self.origin = origin
         self.store = store
         self.metrics = metrics
         self.slots = Slots(concurrency, store.chunk_size)
         self.concurrency = concurrency
         self.stat_ttl_s = stat_ttl_s
+        self.peers = peers
+        #: Asked in this order for every chunk that is not in the cache yet.
+        self.sources: list[ChunkSource] = [
+            CacheSource(store), *([peers] if peers is not None else []),
+            OriginSource(origin, store, self.slots, metrics)]
         self._flights: dict[tuple[str, int], _Flight] = {}
         self._stats: dict[str, tuple[float, ObjectInfo]] = {}
         self._prefetch: dict[str, asyncio.Task[None]] = {}
-        self.sharing: Sharing | None = None  # set by the agent when P2P is on
 
     # --- files ----------------------------------------------------------------------
 
@@ -100,8 +84,8 @@ class Fetcher:
                 self.store.evict(old)
         self.store.touch(entry)
         f = OpenFile(info, entry)
-        if self.sharing is not None:
-            self.sharing.prepare(f)
+        for source in self.sources:
+            source.prepare(f)
         return f
 
     def forget_stat(self, uri: str) -> None:
@@ -119,135 +103,53 @@ class Fetcher:
         flight = self._flights.get(key)
         if flight is not None:
             self.metrics.singleflight_joins.inc()
-            for waiter in flight.waiters:
+            for waiter in flight.request.waiters:
                 waiter.boost(priority)
         else:
             self.metrics.cache_misses.inc()
-            flight = _Flight(asyncio.get_running_loop().create_future())
+            flight = _Flight(ChunkRequest(f, index, priority), asyncio.get_running_loop().create_future())
             flight.future.add_done_callback(_consume_exception)
             self._flights[key] = flight
-            asyncio.create_task(self._fetch(f, index, priority, flight))
+            asyncio.create_task(self._fetch(flight))
         # shield: one impatient caller leaving must not cancel the fetch the others wait on
         return await asyncio.shield(flight.future)
 
-    async def _fetch(self, f: OpenFile, index: int, priority: Priority, flight: _Flight) -> None:
-        started = time.monotonic()
+    async def _fetch(self, flight: _Flight) -> None:
+        f = flight.request.file
         self.metrics.inflight_fetches.inc()
         try:
-            torrent = await self.sharing.torrent_for(f) if self.sharing else None
-            result = _NOT_YET
-            for round_ in range(_ROUNDS):
-                verdict = "mine"
-                if torrent is not None and self.sharing:
-                    verdict = await self.sharing.swarm.from_peers(torrent, index)
-                if verdict == "got":
-                    result = None
-                    break
-                # "gave up" (peers too slow) or the last round: no second thoughts.
-                final = verdict == "gave up" or round_ == _ROUNDS - 1
-                result = await self._from_origin(f, index, priority, flight, torrent, final)
-                if result is not _NOT_YET:
-                    self.metrics.chunk_seconds.labels("origin").observe(time.monotonic() - started)
-                    break
-            if self.sharing and f.entry.complete:
-                self.sharing.completed(f)
+            result = await self._ask_sources(flight.request)
+            if f.entry.complete:
+                for source in self.sources:
+                    source.completed(f)
             flight.future.set_result(result)
         except ObjectChanged as e:
             self.forget_stat(f.info.uri)
             flight.future.set_exception(e)
-        except BaseException as e:  # noqa: BLE001 - every waiter must hear how it ended
+        except BaseException as e:  # every waiter must hear how it ended
             flight.future.set_exception(e)
             if isinstance(e, asyncio.CancelledError):
                 raise
         finally:
-            self._flights.pop((f.entry.key, index), None)
+            self._flights.pop((f.entry.key, flight.request.index), None)
             self.metrics.inflight_fetches.dec()
 
-    async def _from_origin(self, f: OpenFile, index: int, priority: Priority, flight: _Flight,
-                           torrent: "Torrent | None", final: bool) -> Any:
-        """The chunk from the origin; ``_NOT_YET`` if, by the time a slot was free, it had
-        become another agent's to fetch (then the caller waits on peers again)."""
-        async with self.slots.acquire(priority, flight.waiters) as buf:
-            swarm = self.sharing.swarm if self.sharing else None
-            if torrent is not None and swarm is not None and not final \
-                    and not swarm.still_mine(torrent, index):
-                return _NOT_YET
-            start, end = f.entry.layout.bounds(index)
-            view = memoryview(buf)[: end - start]
-            if torrent is None or swarm is None:
-                return await self._to_store(f, index, view)
-            await self.origin.read_into(f.info, start, view)
-            if swarm.torrent(f.entry.key) is not torrent:
-                return await self._store(f, index, view)
-            # Copied out so the slot's buffer goes back to the next origin read now, not
-            # after libtorrent has hashed and written the piece.
-            piece = await asyncio.to_thread(bytes, view)
-        # libtorrent owns a shared entry's data file: the bytes go in through it.
-        try:
-            await swarm.put_piece(torrent, index, piece)
-            return None
-        except CacheError as e:
-            _warn_uncached(f, index, e)
-            return piece
-
-    async def _to_store(self, f: OpenFile, index: int, view: memoryview) -> bytes | None:
-        """Chunk ``index`` from the origin into the cache; bytes if the cache could not take it.
-
-        Where the origin can, the chunk lands in the data file piece by piece as it arrives
-        (:meth:`Origin.land`); otherwise it is read into ``view`` whole and written from there.
-        """
-        if not self.origin.can_land:
-            await self.origin.read_into(f.info, f.entry.offset(index), view)
-            return await self._store(f, index, view)
-        opening = asyncio.ensure_future(asyncio.to_thread(self.store.open_landing, f.entry, index))
-        try:
-            landing = await asyncio.shield(opening)
-        except CacheError as e:
-            return await self._uncached(f, index, view, e)
-        except asyncio.CancelledError:
-            # The thread runs on: what it opens must still be closed, or its room stays held.
-            await asyncio.wait([opening])
-            if not opening.cancelled() and opening.exception() is None:
-                self.store.abandon_landing(opening.result())
-            raise
-        try:
-            await self.origin.land(f.info, landing.offset, view,
-                                   functools.partial(self.store.land_piece, landing))
-        except BaseException as e:
-            self.store.abandon_landing(landing)
-            if isinstance(e, CacheError):
-                return await self._uncached(f, index, view, e)
-            raise
-        try:
-            await finish_in_thread(asyncio.to_thread(self.store.commit_landing, landing))
-            return None
-        except CorruptData:
-            raise self._changed_under_etag(f, index) from None
-        except CacheError as e:
-            return await self._uncached(f, index, view, e)
-
-    async def _uncached(self, f: OpenFile, index: int, view: memoryview, error: Exception) -> bytes:
-        """The chunk from the origin into memory only: the cache disk failed (``error``)."""
-        _warn_uncached(f, index, error)
-        await self.origin.read_into(f.info, f.entry.offset(index), view)
-        return await asyncio.to_thread(bytes, view)
-
-    @staticmethod
-    def _changed_under_etag(f: OpenFile, index: int) -> ObjectChanged:
-        # Same ETag, different bytes than we verified before: the origin broke its
-        # own contract. Refuse to guess which version is right.
-        return ObjectChanged(f"{f.info.uri}: chunk {index} changed at the origin under the "
-                             f"same ETag {f.info.etag}; open it again")
-
-    async def _store(self, f: OpenFile, index: int, view: memoryview) -> bytes | None:
-        try:
-            await finish_in_thread(asyncio.to_thread(self.store.write_chunk, f.entry, index, view))
-            return None
-        except CorruptData:
-            raise self._changed_under_etag(f, index) from None
-        except CacheError as e:
-            _warn_uncached(f, index, e)
-            return bytes(view)
+    async def _ask_sources(self, request: ChunkRequest) -> bytes | None:
+        """The sources in order until one has the chunk: None (it is on disk) or its bytes."""
+        for round_ in range(_ROUNDS):
+            # On the last round no source may send the chunk back: the origin is final.
+            request.final = round_ == _ROUNDS - 1
+            for source in self.sources:
+                answer = await source.get(request)
+                if isinstance(answer, bytes):
+                    return answer
+                if answer is Outcome.PRESENT:
+                    return None
+                if answer is Outcome.OWNED_ELSEWHERE:
+                    break  # another agent fetches it: wait on peers again, from the first source
+                if answer is Outcome.GAVE_UP:
+                    request.final = True  # peers too slow: the origin, no second thoughts
+        raise ColdbrewError(f"{request.file.info.uri}: no source could provide chunk {request.index}")
 
     async def verify(self, f: OpenFile, index: int) -> bool:
         """Check a present chunk against its digest (mmap, no copy); drop it if corrupt."""
@@ -288,7 +190,7 @@ class Fetcher:
         self.store.pin(f.entry)
         try:
             await self.ensure_all(f, missing, priority)
-        except Exception as e:  # noqa: BLE001 - a reader will hit and report the same error
+        except Exception as e:  # a reader will hit and report the same error
             log.info("prefetch stopped", extra={"uri": f.info.uri, "error": str(e)})
         finally:
             self.store.unpin(f.entry)
@@ -322,11 +224,6 @@ class Fetcher:
     async def close(self) -> None:
         for task in list(self._prefetch.values()):
             task.cancel()
-
-
-def _warn_uncached(f: OpenFile, index: int, error: Exception) -> None:
-    log.warning("cache write failed; serving from memory", extra={
-        "uri": f.info.uri, "chunk": index, "error": str(error)})
 
 
 def _consume_exception(future: asyncio.Future) -> None:

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ColdbrewError
-from .fetcher import Fetcher, OpenFile, Priority
 from ..metrics import AgentMetrics
+from .fetcher import Fetcher, OpenFile, Priority
 
 log = logging.getLogger("coldbrew.jobs")
 
@@ -51,10 +51,6 @@ class PrewarmJob:
     @property
     def bytes_done(self) -> int:
         return sum(f.done_bytes for f in self.files)
-
-    @property
-    def finished_ok(self) -> bool:
-        return self.state == "done"
 
     def to_json(self) -> dict[str, Any]:
         elapsed = (self.finished or time.time()) - self.created
@@ -115,7 +111,7 @@ class Jobs:
             job.state = "running"
             self._publish()
             await self._fill(job, opened)
-        except Exception as e:  # noqa: BLE001 - recorded on the job, which is what callers read
+        except Exception as e:  # recorded on the job, which is what callers read
             job.errors.append(str(e) if isinstance(e, ColdbrewError) else f"{type(e).__name__}: {e}")
             log.exception("prewarm job crashed", extra={"job": job.id})
         finally:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 
 def _new_buffer(size: int) -> bytearray:
@@ -33,7 +33,7 @@ class Waiter:
     def __init__(self, priority: int, future: asyncio.Future[bytearray]) -> None:
         self.priority = priority
         self.future = future
-        self.slots: "Slots | None" = None
+        self.slots: Slots | None = None
 
     def boost(self, priority: int) -> None:
         """Raise this waiter's urgency (lower number = sooner). No-op once granted."""

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 
@@ -55,7 +56,7 @@ class PeerDirectory:
         while True:
             try:
                 await self.refresh()
-            except Exception as e:  # noqa: BLE001 - discovery must keep trying
+            except Exception as e:
                 log.warning("peer discovery failed", extra={"error": str(e)})
             await asyncio.sleep(self.refresh_s)
 
@@ -90,7 +91,7 @@ class PeerDirectory:
                     return None
                 body: dict[str, Any] = await resp.json()
             agent_id, bt_port = str(body["agent_id"]), int(body["bt_port"])
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError):
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError, TypeError):
             return None
         if agent_id == self.own_id:
             return None
@@ -102,7 +103,7 @@ class PeerDirectory:
             try:
                 async with self.http.get(peer.base_url + path) as resp:
                     return await resp.json() if resp.status == 200 else None
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
                 return None
 
         peers = list(self.peers.values())

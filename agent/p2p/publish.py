@@ -16,8 +16,8 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..config import OriginSettings
 from ..core.manifest import Manifest, digest, sidecar_uri

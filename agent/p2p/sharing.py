@@ -20,20 +20,18 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from ... import __version__
-from .discovery import PeerDirectory
+from ..cache.store import ChunkStore, Entry
 from ..core.manifest import Manifest, sidecar_uri
+from ..fetch.sources import OpenFile
 from ..metrics import AgentMetrics
 from ..origin.origin import Origin
+from .discovery import PeerDirectory
 from .swarm import FIRST_S, Swarm, Torrent
-from ..cache.store import ChunkStore, Entry
-
-if TYPE_CHECKING:
-    from ..fetch.fetcher import OpenFile
 
 log = logging.getLogger("coldbrew.sharing")
 
@@ -81,7 +79,7 @@ class Sharing:
 
     # --- finding a torrent -------------------------------------------------------------
 
-    async def torrent_for(self, f: "OpenFile") -> Torrent | None:
+    async def torrent_for(self, f: OpenFile) -> Torrent | None:
         key = f.entry.key
         found = self.swarm.torrent(key)
         if found is not None:
@@ -97,10 +95,10 @@ class Sharing:
                 return None  # looked before: don't hold this chunk up, look in the background
         try:
             return await asyncio.wait_for(asyncio.shield(task), LOOKUP_WAIT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
 
-    async def _lookup(self, f: "OpenFile") -> Torrent | None:
+    async def _lookup(self, f: OpenFile) -> Torrent | None:
         key = f.entry.key
         try:
             manifest = await asyncio.to_thread(self.store.load_manifest, f.entry)
@@ -113,7 +111,7 @@ class Sharing:
                 return None
             self._missed.pop(key, None)
             return self._attach(f.entry, manifest)
-        except Exception as e:  # noqa: BLE001 - P2P is an optimisation: fall back to origin
+        except Exception as e:  # P2P is an optimisation: fall back to origin
             log.warning("manifest lookup failed", extra={"uri": f.info.uri, "error": str(e)})
             self._missed[key] = time.monotonic()
             return None
@@ -135,7 +133,7 @@ class Sharing:
             self._background = {task for task in self._background if not task.done()}
         return t
 
-    def prepare(self, f: "OpenFile") -> None:
+    def prepare(self, f: OpenFile) -> None:
         """Start finding ``f``'s manifest now (at open), so peers connect before reads need them."""
         key = f.entry.key
         if self.swarm.torrent(key) is None and key not in self._lookups and key not in self._missed:
@@ -144,11 +142,11 @@ class Sharing:
     def _save(self, entry: Entry, manifest: Manifest) -> None:
         try:
             self.store.save_manifest(entry, manifest)
-        except Exception as e:  # noqa: BLE001 - only a restart's head start is lost
+        except Exception as e:  # only a restart's head start is lost
             log.info("cannot keep manifest in the cache", extra={"uri": entry.identity.uri,
                                                                  "error": str(e)})
 
-    def _usable(self, manifest: Manifest, f: "OpenFile", where: str) -> bool:
+    def _usable(self, manifest: Manifest, f: OpenFile, where: str) -> bool:
         if manifest.identity != f.info.identity:
             log.info("manifest is for another version; ignored", extra={
                 "uri": f.info.uri, "from": where, "etag": manifest.identity.etag,
@@ -164,7 +162,7 @@ class Sharing:
             return False
         return manifest.shareable
 
-    async def _from_sidecar(self, f: "OpenFile") -> Manifest | None:
+    async def _from_sidecar(self, f: OpenFile) -> Manifest | None:
         key = f.entry.key
         last = self._sidecar_missed.get(key)
         if last is not None and time.monotonic() - last < SIDECAR_RELOOK_S:
@@ -173,7 +171,7 @@ class Sharing:
         try:
             raw = await self.origin.read_small(uri)
             manifest = Manifest.from_json(_loads(raw)) if raw is not None else None
-        except Exception as e:  # noqa: BLE001 - a broken sidecar must not break reads
+        except Exception as e:  # a broken sidecar must not break reads
             log.warning("unreadable manifest sidecar; ignored", extra={"uri": uri, "error": str(e)})
             manifest = None
         if manifest is None or not self._usable(manifest, f, uri):
@@ -182,7 +180,7 @@ class Sharing:
         self.metrics.p2p_manifests.labels("sidecar").inc()
         return manifest
 
-    async def _from_peers(self, f: "OpenFile") -> Manifest | None:
+    async def _from_peers(self, f: OpenFile) -> Manifest | None:
         for _, body in await self.directory.fetch_json(f"/v1/peer/manifests/{f.entry.key}"):
             try:
                 manifest = Manifest.from_json(body)
@@ -201,28 +199,28 @@ class Sharing:
         for _ in range(int(FIRST_S / EXPECT_EVERY_S) + 1):
             try:
                 answers = await self.directory.fetch_json(f"/v1/peer/manifests/{t.key}")
-            except Exception:  # noqa: BLE001 - then the swarm waits its full join time
+            except Exception:  # then the swarm waits its full join time
                 return
             self.swarm.expect(t, {peer.agent_id for peer, _ in answers})
             await asyncio.sleep(EXPECT_EVERY_S)
 
     # --- building a manifest ------------------------------------------------------------
 
-    def completed(self, f: "OpenFile") -> None:
+    def completed(self, f: OpenFile) -> None:
         """``f`` is now whole in the cache: build its manifest and share it (in the background)."""
         key = f.entry.key
         if self.swarm.torrent(key) is not None or key in self._building or f.info.size == 0:
             return
         self._building[key] = asyncio.create_task(self._build(f))
 
-    async def _build(self, f: "OpenFile") -> None:
+    async def _build(self, f: OpenFile) -> None:
         try:
             manifest = await asyncio.to_thread(self._hash_all, f.entry)
             if manifest is not None and self.swarm.torrent(f.entry.key) is None:
                 await asyncio.to_thread(self._save, f.entry, manifest)
                 if self._attach(f.entry, manifest) is not None:
                     self.metrics.p2p_manifests.labels("built").inc()
-        except Exception as e:  # noqa: BLE001 - sharing is optional; reads go on
+        except Exception as e:  # sharing is optional; reads go on
             log.warning("cannot share a completed file", extra={"uri": f.info.uri, "error": str(e)})
         finally:
             self._building.pop(f.entry.key, None)

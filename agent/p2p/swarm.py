@@ -1,6 +1,6 @@
 """Chunks from other agents: one libtorrent session, one torrent per shared cache entry.
 
-How a chunk moves (DESIGN.md decision 6):
+How a chunk moves (docs/architecture.md, Peers (P2P)):
 
 * The torrent's one file is the entry's data file (:mod:`.torrent`), one piece per
   chunk, so libtorrent serves and writes the cache's own bytes — never a second copy.
@@ -34,10 +34,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CacheError, CorruptData, ObjectChanged
-from ..core.manifest import Manifest
-from ..metrics import AgentMetrics
 from ..cache.store import ChunkStore, Entry
+from ..core.manifest import Manifest
+from ..errors import CacheError, CorruptData, ObjectChanged
+from ..fetch.sources import Outcome
+from ..metrics import AgentMetrics
 from .torrent import stripe_owner, torrent_bytes
 
 log = logging.getLogger("coldbrew.peers")
@@ -275,14 +276,14 @@ class Swarm:
 
     # --- fetching -----------------------------------------------------------------------
 
-    async def from_peers(self, t: Torrent, index: int) -> str:
+    async def from_peers(self, t: Torrent, index: int) -> Outcome:
         """Try to get chunk ``index`` from peers into the cache.
 
-        ``"got"``: it is cached. ``"mine"``: nobody has it and this agent is the one to
-        fetch it from the origin. ``"gave up"``: peers were too slow or left; use the origin.
+        ``PRESENT``: it is cached. ``PASS``: nobody has it and this agent is the one to
+        fetch it from the origin. ``GAVE_UP``: peers were too slow or left; use the origin.
         """
         if self.store.has(t.entry, index):
-            return "got"
+            return Outcome.PRESENT
         fut: asyncio.Future[str] = self.loop.create_future()
         t.waiters[index] = fut
         requested_at: float | None = None
@@ -294,14 +295,14 @@ class Swarm:
         try:
             while not fut.done():
                 if self.store.has(t.entry, index):
-                    return "got"  # it finished between two looks (or another path brought it)
+                    return Outcome.PRESENT  # it finished between two looks (or another path brought it)
                 now = time.monotonic()
                 available = index < len(t.availability) and t.availability[index] > 0
                 if available and requested_at is None and self._asked < PEER_WINDOW:
                     # A few pieces at a time, each at full speed, rather than many that all
                     # crawl (and would all miss their timeout on a busy node).
                     if not _call(t.handle.set_piece_deadline, index, 0):
-                        return "gave up"  # detached meanwhile
+                        return Outcome.GAVE_UP  # detached meanwhile
                     requested_at = now
                     self._asked += 1
                 elif not available and requested_at is not None:
@@ -312,13 +313,13 @@ class Swarm:
                 if requested_at is None and not available and self._mine(t, index):
                     log.debug("fetching our stripe from the origin", extra={
                         "uri": t.entry.identity.uri, "chunk": index, "members": len(t.members)})
-                    return "mine"
+                    return Outcome.PASS
                 slow = requested_at is not None and now - requested_at > self.settings.chunk_timeout_s
                 if slow or now >= give_up_at:
                     log.info("peers too slow for a chunk; using the origin", extra={
                         "uri": t.entry.identity.uri, "chunk": index,
                         "waited_s": round(now - started, 1), "requested": requested_at is not None})
-                    return "gave up"
+                    return Outcome.GAVE_UP
                 t.tick.clear()
                 tick = asyncio.ensure_future(t.tick.wait())
                 try:
@@ -328,8 +329,8 @@ class Swarm:
                     tick.cancel()
             if fut.result() == "ok":
                 self.metrics.chunk_seconds.labels("peer").observe(time.monotonic() - started)
-                return "got"
-            return "gave up"
+                return Outcome.PRESENT
+            return Outcome.GAVE_UP
         finally:
             t.waiters.pop(index, None)
             if requested_at is not None:
@@ -403,7 +404,7 @@ class Swarm:
         while True:
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), timeout=TICK_S * 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if self.store.has(t.entry, index):
                     return "ok"
                 if time.monotonic() >= deadline:
@@ -418,7 +419,7 @@ class Swarm:
             for alert in self.session.pop_alerts():
                 try:
                     self._on_alert(alert)
-                except Exception as e:  # noqa: BLE001 - the loop must survive any one alert
+                except Exception as e:  # the loop must survive any one alert
                     log.warning("p2p alert handling failed", extra={"error": repr(e)})
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + TICK_S
@@ -427,7 +428,7 @@ class Swarm:
     def _find(self, alert: Any) -> Torrent | None:
         try:
             key = self._by_hash.get(str(alert.handle.info_hashes().v1))
-        except Exception:  # noqa: BLE001 - a handle of a torrent already removed
+        except Exception:  # a handle of a torrent already removed
             return None
         return self.torrent(key) if key else None
 
@@ -519,7 +520,7 @@ class Swarm:
             try:
                 peers = t.handle.get_peer_info()
                 availability = list(t.handle.piece_availability())
-            except Exception:  # noqa: BLE001 - removed under us
+            except Exception:  # removed under us
                 continue
             connected += len(peers)
             total = t.entry.layout.count

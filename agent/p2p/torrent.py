@@ -20,7 +20,8 @@ one — so N agents pull each byte from the origin about once.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..core.manifest import Manifest
 
