@@ -165,6 +165,14 @@ class AgentError(ColdbrewError):
     kind = "agent"
 
 
+class BadMessage(ColdbrewError, ValueError):
+    """A control API message lacks a field or holds one of the wrong type: a bug, or an
+    agent and a client too many versions apart (runner pods may lag the agent)."""
+
+    kind = "bad_message"
+    errno_code = errno.EPROTO
+
+
 _BY_KIND: dict[str, type[ColdbrewError]] = {}
 
 

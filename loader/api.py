@@ -10,6 +10,11 @@ Each call picks where bytes come from, once:
   when it holds this exact version (URI, ETag, size), else from the origin with
   parallel ranged GETs, writing the same bytes to ``cache_dir`` behind the load.
 
+This module is the orchestration: the files a location names are found by
+:mod:`~coldbrew.loader.locate`, each file's source chosen by
+:mod:`~coldbrew.loader.selection`, warm starts recalled and checked by
+:mod:`~coldbrew.loader.recall`; the engine reads each file into the sink.
+
 Results equal ``safetensors.torch.load_file`` for the same file: names, dtypes,
 shapes, bytes; ``StateDict.metadata`` is the header's ``__metadata__``.
 """
@@ -17,7 +22,6 @@ shapes, bytes; ``StateDict.metadata`` is the header's ``__metadata__``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import queue
@@ -25,38 +29,30 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from coldbrew.agent.errors import (
-    AgentUnavailable,
-    ColdbrewError,
-    HeaderError,
-    ObjectNotFound,
-    UsageError,
-)
+from coldbrew.agent.errors import ColdbrewError, HeaderError, UsageError
 from coldbrew.loader.device import DEFAULT_BUFFER_BYTES, CpuSink, CudaSink, Slot
 from coldbrew.loader.engine import Budget, FileLoad, Progress, planned_bytes
+from coldbrew.loader.locate import Locator, Target, is_remote
+from coldbrew.loader.origins import SharedOrigins
 from coldbrew.loader.plan import NameFilter
+from coldbrew.loader.recall import Recall, commit
 from coldbrew.loader.runtime import runtime
-from coldbrew.loader.sources import (
-    DEFAULT_SPAN_BYTES,
-    AgentSource,
-    CacheFileSource,
-    LocalFileSource,
-    OriginSource,
-    Source,
-    origin_root,
-)
+from coldbrew.loader.selection import SourceOpener, find_agent
+from coldbrew.loader.sources import DEFAULT_SPAN_BYTES, CacheFileSource, OriginSource, Source
 from coldbrew.loader.writeback import WriteThroughCache, default_cache_dir
+
+if TYPE_CHECKING:
+    from coldbrew.agent.control.client import AgentClient
+    from coldbrew.loader.writeback import CacheEntry
 
 log = logging.getLogger("coldbrew.loader")
 
-INDEX_NAME = "model.safetensors.index.json"
 #: Streaming mode (iter_tensors): bytes of finished tensors that may wait for the caller.
 DEFAULT_STREAM_BUDGET_BYTES = 1 << 30
-_INDEX_MAX_BYTES = 64 << 20
 
 
 class StateDict(dict):
@@ -135,7 +131,7 @@ def load_file(path_or_uri: str | os.PathLike[str], device: Any = "cpu", *,
                     buffer_bytes=buffer_bytes, cache_dir=cache_dir,
                     socket=str(socket) if socket else None, agent=agent, endpoint_url=endpoint_url,
                     progress=progress, tqdm=tqdm)
-    return _collect(_Target(str(os.fspath(path_or_uri)), is_dir=False), opts)
+    return _collect(Target(str(os.fspath(path_or_uri)), is_dir=False), opts)
 
 
 def load_dir(path_or_uri: str | os.PathLike[str], device: Any = "cpu", *,
@@ -155,7 +151,7 @@ def load_dir(path_or_uri: str | os.PathLike[str], device: Any = "cpu", *,
                     buffer_bytes=buffer_bytes, cache_dir=cache_dir,
                     socket=str(socket) if socket else None, agent=agent, endpoint_url=endpoint_url,
                     progress=progress, tqdm=tqdm)
-    return _collect(_Target(str(os.fspath(path_or_uri)), is_dir=True), opts)
+    return _collect(Target(str(os.fspath(path_or_uri)), is_dir=True), opts)
 
 
 def iter_tensors(path_or_uri: str | os.PathLike[str], device: Any = "cpu", *,
@@ -177,19 +173,13 @@ def iter_tensors(path_or_uri: str | os.PathLike[str], device: Any = "cpu", *,
                     socket=str(socket) if socket else None, agent=agent, endpoint_url=endpoint_url,
                     progress=progress, tqdm=tqdm, stream_budget_bytes=budget_bytes)
     target = str(os.fspath(path_or_uri))
-    return _stream(_Target(target, is_dir=None), opts)
+    return _stream(Target(target, is_dir=None), opts)
 
 
 # --- sync bridge ---------------------------------------------------------------------------
 
 
-@dataclass
-class _Target:
-    location: str
-    is_dir: bool | None  # None: find out
-
-
-def _collect(target: _Target, opts: Options) -> StateDict:
+def _collect(target: Target, opts: Options) -> StateDict:
     out = StateDict()
     rt = runtime()
     sink_box: list[Any] = []
@@ -204,7 +194,7 @@ def _collect(target: _Target, opts: Options) -> StateDict:
     return out
 
 
-def _stream(target: _Target, opts: Options) -> Iterator[tuple[str, torch.Tensor]]:
+def _stream(target: Target, opts: Options) -> Iterator[tuple[str, torch.Tensor]]:
     rt = runtime()
     items: queue.Queue[Any] = queue.Queue()
     done = object()
@@ -246,7 +236,7 @@ def _stream(target: _Target, opts: Options) -> Iterator[tuple[str, torch.Tensor]
             future.cancel()
             try:
                 future.result(timeout=30)
-            except BaseException:  # noqa: BLE001 - cancelled on purpose
+            except BaseException:
                 pass
 
 
@@ -256,32 +246,40 @@ def _stream(target: _Target, opts: Options) -> Iterator[tuple[str, torch.Tensor]
 class _Load:
     """Everything one public call does, on the loader's loop."""
 
-    def __init__(self, target: _Target, opts: Options, emit: Callable[[str, Slot], None],
+    def __init__(self, target: Target, opts: Options, emit: Callable[[str, Slot], None],
                  out: StateDict, budget_box: list[Budget] | None = None) -> None:
         self.target = target
         self.opts = opts
         self.emit = emit
         self.out = out
         self.budget_box = budget_box if budget_box is not None else []
-        self.agent: Any = None
+        self.agent: AgentClient | None = None
         self.cache = WriteThroughCache(opts.cache_dir) if opts.cache_dir else None
+        self.origins = SharedOrigins(opts.concurrency, opts.endpoint_url)
+        self.recall: Recall | None = None
 
     async def run(self, sink_box: list[Any]) -> None:
         started = time.perf_counter()
-        if _is_remote(self.target.location):
-            self.agent = await self._find_agent()
-        recalled = await self._recall()
+        opts = self.opts
+        if is_remote(self.target.location):
+            self.agent = await find_agent(opts.socket, opts.agent)
+        self.recall = Recall.for_load(self.target, cache=self.cache, agent=self.agent,
+                                      names=opts.names, streaming=opts.stream_budget_bytes is not None,
+                                      concurrency=opts.concurrency, endpoint_url=opts.endpoint_url)
+        recalled = await self.recall.entries() if self.recall is not None else None
         if recalled is not None and await self._run_recalled(recalled, sink_box, started):
             return
-        files, names_by_file = await self._files()
-        sources = await self._open_all(files, names_by_file)
+        files, names_by_file = await Locator(self.agent, self.origins).files(self.target, opts.names)
+        opener = SourceOpener(self.agent, self.origins, self.cache, opts.concurrency)
+        sources = await opener.open_all(files)
         identities = [s.identity for s in sources]
         kinds = {type(s) for s in sources}
         writebacks = await self._run_sources(sources, names_by_file, sink_box, started)
         self._log_summary()
-        remember = self._may_recall() and kinds <= {OriginSource, CacheFileSource}
+        remember = self.recall is not None and kinds <= {OriginSource, CacheFileSource}
         # Finished in the background: the caller has its tensors.
-        runtime().track(asyncio.ensure_future(self._commit(writebacks, identities if remember else None)))
+        runtime().track(asyncio.ensure_future(
+            commit(writebacks, self.recall if remember else None, identities)))
 
     async def _run_sources(self, sources: list[Source], names_by_file: list[NameFilter],
                            sink_box: list[Any], started: float) -> list[Any]:
@@ -363,39 +361,8 @@ class _Load:
 
     # --- warm starts from the write-through cache ------------------------------------------
 
-    def _may_recall(self) -> bool:
-        """Whole loads without an agent, into memory the call returns (not streamed)."""
-        return (self.cache is not None and self.agent is None and self.opts.names is None
-                and self.opts.stream_budget_bytes is None and self.target.is_dir is not None
-                and _is_remote(self.target.location))
-
-    def _record_key(self) -> str:
-        return ("dir:" if self.target.is_dir else "file:") + self.target.location
-
-    async def _recall(self) -> list[Any] | None:
-        """The committed entries of the files this location had last time, if all are here."""
-        if not self._may_recall():
-            return None
-        cache = self.cache
-        assert cache is not None
-
-        def look() -> list[Any] | None:
-            identities = cache.recall(self._record_key())
-            if not identities:
-                return None
-            entries = [cache.lookup(i) for i in identities]
-            return None if any(e is None for e in entries) else entries
-
-        return await asyncio.get_running_loop().run_in_executor(None, look)
-
-    async def _commit(self, writebacks: list[Any], identities: list[Any] | None) -> None:
-        """Commit the write-throughs; if all land, record the location for warm starts."""
-        committed = await asyncio.gather(*(wb.commit() for wb in writebacks))
-        if identities is not None and all(committed) and self.cache is not None:
-            await asyncio.get_running_loop().run_in_executor(
-                None, self.cache.remember, self._record_key(), identities)
-
-    async def _run_recalled(self, entries: list[Any], sink_box: list[Any], started: float) -> bool:
+    async def _run_recalled(self, entries: list[CacheEntry], sink_box: list[Any],
+                            started: float) -> bool:
         """Load the cached copies while the origin confirms they are current, in parallel.
 
         A warm start should not wait for S3 (client set-up, listing, a HEAD per
@@ -405,8 +372,9 @@ class _Load:
         dropped and the caller's load runs the normal way. Errors from the origin
         (a missing bucket, bad credentials) are raised as they would be then.
         """
+        assert self.recall is not None
         expected = [e.identity for e in entries]
-        check = asyncio.ensure_future(self._current_identities())
+        check = asyncio.ensure_future(self.recall.current())
         try:
             loaded = True
             try:
@@ -434,17 +402,6 @@ class _Load:
                      "the current version", self.target.location)
         self._reset(sink_box)
         return False
-
-    async def _current_identities(self) -> list[Any]:
-        """The location's files and versions at the origin now, checked on a private loop.
-
-        Setting up an S3 client (imports, botocore's service models) holds a
-        thread for most of a second; on the load's own loop that would stall
-        the reads it is meant to overlap.
-        """
-        check = _VersionCheck(self.target, self.opts)
-        return await asyncio.get_running_loop().run_in_executor(
-            None, lambda: asyncio.run(check.identities()))
 
     def _reset(self, sink_box: list[Any]) -> None:
         """Forget a result that will not be handed over."""
@@ -479,228 +436,8 @@ class _Load:
         for k, v in meta.items():
             self.out.metadata.setdefault(k, v)
 
-    # --- finding the agent, the files, the sources ---------------------------------------
-
-    async def _find_agent(self) -> Any:
-        if self.opts.agent is False:
-            return None
-        from coldbrew.agent.control.client import AgentClient
-
-        client = AgentClient(self.opts.socket, timeout_s=10.0)
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, client.health)
-            return client
-        except (AgentUnavailable, OSError) as e:
-            if self.opts.agent:
-                raise AgentUnavailable(f"agent=True but {e}") from None
-            log.debug("coldbrew.loader: no agent (%s); reading from the origin", e)
-            return None
-
-    async def _files(self) -> tuple[list[str], list[NameFilter]]:
-        location = self.target.location
-        names = self.opts.names
-        is_dir = self.target.is_dir
-        if is_dir is None:
-            is_dir = await self._looks_like_dir(location)
-        if not is_dir:
-            return [_local_path(location) if not _is_remote(location) else location], [names]
-        index = await self._read_index(location)
-        if index is not None:
-            weight_map = index.get("weight_map")
-            if not isinstance(weight_map, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-                raise HeaderError(f"{_join(location, INDEX_NAME)}: no valid weight_map")
-            return self._files_from_index(location, weight_map, names)
-        found = await self._list_safetensors(location)
-        if not found:
-            raise ObjectNotFound(f"{location}: no {INDEX_NAME} and no *.safetensors files")
-        return found, [names] * len(found)
-
-    def _files_from_index(self, location: str, weight_map: dict[str, str], names: NameFilter
-                          ) -> tuple[list[str], list[NameFilter]]:
-        files: dict[str, list[str]] = {}
-        for name, fname in weight_map.items():
-            if "/" in fname or fname in ("", ".", ".."):
-                raise HeaderError(f"{_join(location, INDEX_NAME)}: shard name {fname!r} is not a "
-                                  "file in the directory")
-            files.setdefault(fname, []).append(name)
-        ordered = sorted(files)
-        if names is None:
-            return [_join(location, f) for f in ordered], [None] * len(ordered)
-        if callable(names):
-            keep = [f for f in ordered if any(names(n) for n in files[f])]
-            return [_join(location, f) for f in keep], [names] * len(keep)
-        if isinstance(names, str):
-            raise TypeError("names must be a collection of names, not a single str")
-        wanted = set(names)
-        missing = wanted.difference(weight_map)
-        if missing:
-            raise KeyError(f"{location}: no tensors named {sorted(missing)!r} in {INDEX_NAME}")
-        keep = [f for f in ordered if wanted.intersection(files[f])]
-        return ([_join(location, f) for f in keep],
-                [sorted(wanted.intersection(files[f])) for f in keep])
-
-    async def _looks_like_dir(self, location: str) -> bool:
-        if location.endswith("/"):
-            return True
-        if not _is_remote(location):
-            return os.path.isdir(_local_path(location))
-        try:
-            if self.agent is not None:
-                await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: self.agent.ensure(location, 0, 0))
-            else:
-                await (await self._origin(location)).stat(location)
-            return False
-        except ObjectNotFound:
-            return True
-
-    async def _read_index(self, location: str) -> dict[str, Any] | None:
-        uri = _join(location, INDEX_NAME)
-        loop = asyncio.get_running_loop()
-        try:
-            if not _is_remote(location):
-                path = _local_path(uri)
-                if not os.path.exists(path):
-                    return None
-                data = await loop.run_in_executor(None, Path(path).read_bytes)
-            elif self.agent is not None:
-                data = await loop.run_in_executor(
-                    None, lambda: b"".join(self.agent.read(uri)))
-            else:
-                origin = await self._origin(uri)
-                info = await origin.stat(uri)
-                if info.size > _INDEX_MAX_BYTES:
-                    raise HeaderError(f"{uri}: {info.size} bytes is too large for an index")
-                buf = bytearray(info.size)
-                await origin.read_into(info, 0, memoryview(buf))
-                data = bytes(buf)
-        except ObjectNotFound:
-            return None
-        try:
-            index = json.loads(data)
-        except ValueError as e:
-            raise HeaderError(f"{uri}: not valid JSON ({e})") from None
-        if not isinstance(index, dict):
-            raise HeaderError(f"{uri}: expected a JSON object")
-        return index
-
-    async def _list_safetensors(self, location: str) -> list[str]:
-        if not _is_remote(location):
-            root = _local_path(location)
-            return sorted(os.path.join(root, n) for n in os.listdir(root)
-                          if n.endswith(".safetensors") and os.path.isfile(os.path.join(root, n)))
-        loop = asyncio.get_running_loop()
-        if self.agent is not None:
-            listing = await loop.run_in_executor(None, self.agent.ls, location.rstrip("/"))
-            entries = listing["entries"]
-        else:
-            entries = await (await self._origin(location)).list_dir(location.rstrip("/"))
-        return sorted(e["uri"] for e in entries
-                      if e["type"] == "file" and e["name"].endswith(".safetensors"))
-
-    async def _origin(self, uri: str) -> Any:
-        from coldbrew.agent.origin.origin import Origin
-
-        settings = self._origin_settings(uri)
-
-        async def make() -> Any:
-            return Origin(settings)
-
-        return await runtime().bound(("origin", settings), make)
-
-    def _origin_settings(self, uri: str) -> Any:
-        from coldbrew.agent.config import OriginSettings
-
-        overrides: dict[str, Any] = {"fetch_concurrency": self.opts.concurrency}
-        if self.opts.endpoint_url:
-            overrides["endpoint_url"] = self.opts.endpoint_url
-        return OriginSettings.from_env(origin_root(uri), **overrides)
-
-    async def _open_all(self, files: list[str], names: list[NameFilter]) -> list[Source]:
-        gate = asyncio.Semaphore(8)
-
-        async def one(location: str) -> Source:
-            async with gate:
-                return await self._open(location)
-
-        tasks = [asyncio.ensure_future(one(f)) for f in files]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            opened = await asyncio.gather(*tasks, return_exceptions=True)
-            for s in opened:
-                if isinstance(s, Source):
-                    await s.close()
-            raise
-
-    async def _open(self, location: str) -> Source:
-        if not _is_remote(location):
-            return await LocalFileSource.open(_local_path(location))
-        if self.agent is not None:
-            return await AgentSource.open(self.agent, location, prefetch=False)
-        origin = await self._origin(location)
-        info = await origin.stat(location)
-        if self.cache is not None:
-            entry = await asyncio.get_running_loop().run_in_executor(
-                None, self.cache.lookup, info.identity)
-            if entry is not None:
-                fallback = OriginSource(origin, info, self.opts.concurrency)
-                try:
-                    return await CacheFileSource.open_entry(entry, self.cache, fallback, location)
-                except (OSError, HeaderError) as e:
-                    log.warning("coldbrew.loader: cache entry for %s unusable (%s); reading the "
-                                "origin", location, e)
-                    self.cache.discard(entry)
-        return await OriginSource.open(origin, info, self.opts.concurrency)
-
-
-class _VersionCheck(_Load):
-    """Lists a location and stats its files with origins of its own (its own loop)."""
-
-    def __init__(self, target: _Target, opts: Options) -> None:
-        super().__init__(target, opts, emit=lambda name, slot: None, out=StateDict())
-        self.cache = None
-        self._origins: dict[Any, Any] = {}
-
-    async def _origin(self, uri: str) -> Any:
-        from coldbrew.agent.origin.origin import Origin
-
-        settings = self._origin_settings(uri)
-        if settings not in self._origins:
-            self._origins[settings] = Origin(settings)
-        return self._origins[settings]
-
-    async def identities(self) -> list[Any]:
-        try:
-            files, _ = await self._files()
-
-            async def identity(uri: str) -> Any:
-                return (await (await self._origin(uri)).stat(uri)).identity
-
-            return list(await asyncio.gather(*(identity(f) for f in files)))
-        finally:
-            for origin in self._origins.values():
-                await origin.close()
-
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def _is_remote(location: str) -> bool:
-    return "://" in location and not location.startswith("file://")
-
-
-def _local_path(location: str) -> str:
-    return location[len("file://"):] if location.startswith("file://") else location
-
-
-def _join(location: str, name: str) -> str:
-    if _is_remote(location):
-        return location.rstrip("/") + "/" + name
-    return os.path.join(_local_path(location), name)
 
 
 def _size(n: int) -> str:

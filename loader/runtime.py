@@ -141,7 +141,7 @@ def _at_exit() -> None:
         if not wait_writeback(EXIT_WAIT_S):
             log.warning("coldbrew.loader: write-through still running at exit; the cache entry "
                         "is abandoned (a later load fetches the file again)")
-    except Exception:  # noqa: BLE001 - never fail interpreter exit
+    except Exception:
         pass
 
 

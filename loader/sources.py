@@ -10,7 +10,7 @@ never sees HTTP, cache files or digests. The sources:
 * :class:`LocalFileSource` — a local path (a FUSE mount path is one too):
   ``preadv`` straight into the destination, one syscall per range.
 * :class:`CacheFileSource` — a committed write-through entry: ``preadv`` like a
-  local file, then every block checked against its xxh3-128 digest; a bad block
+  local file, then every block checked against its digest; a bad block
   is read from the origin instead and the entry is dropped.
 * :class:`AgentSource` — the node agent: ``ensure`` makes chunks present, the
   chunks are read from its data file with ``preadv`` and verified against its digests
@@ -34,10 +34,10 @@ import os
 import stat as stat_mod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import xxhash
-
+from coldbrew.agent.cache.verify import intact_pieces
+from coldbrew.agent.core.manifest import FileIdentity, digest
 from coldbrew.agent.errors import (
     AgentUnavailable,
     CorruptData,
@@ -45,8 +45,11 @@ from coldbrew.agent.errors import (
     ObjectChanged,
     ObjectNotFound,
 )
-from coldbrew.agent.core.manifest import FileIdentity
 from coldbrew.loader.header import HEADER_PREFIX_BYTES, SafetensorsHeader, header_length, parse_prefix
+
+if TYPE_CHECKING:
+    from coldbrew.agent.control.client import AgentClient
+    from coldbrew.agent.control.protocol import Chunk, EnsureReply
 
 log = logging.getLogger("coldbrew.loader")
 
@@ -104,13 +107,6 @@ def pread_into(fd: int, offset: int, buffers: Sequence[memoryview]) -> int:
         if n:
             bufs[0] = bufs[0][n:]
     return done
-
-
-def digest_of(buffers: Sequence[memoryview]) -> str:
-    h = xxhash.xxh3_128()
-    for b in buffers:
-        h.update(b)
-    return h.hexdigest()
 
 
 def parse_header_bytes(data: bytes, size: int, source: str) -> SafetensorsHeader:
@@ -186,7 +182,7 @@ class LocalFileSource(Source):
         self._stat: os.stat_result | None = None
 
     @classmethod
-    async def open(cls, path: str) -> "LocalFileSource":
+    async def open(cls, path: str) -> LocalFileSource:
         self = cls(path)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._open)
@@ -256,7 +252,7 @@ class CacheFileSource(LocalFileSource):
     kind = "cache"
     whole_blocks = True
 
-    def __init__(self, entry: Any, cache: Any, fallback: "OriginSource | None", name: str) -> None:
+    def __init__(self, entry: Any, cache: Any, fallback: OriginSource | None, name: str) -> None:
         super().__init__(str(entry.data_path))
         self.entry = entry
         self.cache = cache
@@ -266,12 +262,12 @@ class CacheFileSource(LocalFileSource):
         self.bad_blocks = 0
 
     @classmethod
-    async def open_entry(cls, entry: Any, cache: Any, fallback: "OriginSource | None",
-                         name: str) -> "CacheFileSource":
+    async def open_entry(cls, entry: Any, cache: Any, fallback: OriginSource | None,
+                         name: str) -> CacheFileSource:
         self = cls(entry, cache, fallback, name)
         await asyncio.get_running_loop().run_in_executor(None, self._open)
         if (self.identity.size != entry.identity.size
-                or xxhash.xxh3_128_hexdigest(self.header_bytes) != entry.header_digest):
+                or digest(self.header_bytes) != entry.header_digest):
             await self.close()
             cache.discard(entry)
             raise CorruptData(f"cache entry {entry.data_path} for {name} failed its header check")
@@ -285,7 +281,7 @@ class CacheFileSource(LocalFileSource):
         block_begin, block_end = self.entry.block_range(index)
         buffers = cover(block_begin, block_end, views)
         n = pread_into(self.fd, block_begin, buffers)
-        if n != block_end - block_begin or digest_of(buffers) != self.entry.digests[index]:
+        if n != block_end - block_begin or not intact_pieces(buffers, self.entry.digests[index]):
             raise CorruptData(f"block {index}")
 
     async def fill(self, begin: int, end: int, views: Sequence[View]) -> None:
@@ -321,7 +317,7 @@ class AgentSource(Source):
     kind = "agent"
     whole_blocks = True
 
-    def __init__(self, client: Any, uri: str) -> None:
+    def __init__(self, client: AgentClient, uri: str) -> None:
         super().__init__()
         self.client = client
         self.name = uri
@@ -332,14 +328,14 @@ class AgentSource(Source):
         self.streamed_chunks = 0
 
     @classmethod
-    async def open(cls, client: Any, uri: str, *, prefetch: bool) -> "AgentSource":
+    async def open(cls, client: AgentClient, uri: str, *, prefetch: bool) -> AgentSource:
         self = cls(client, uri)
         loop = asyncio.get_running_loop()
         first = await loop.run_in_executor(
-            None, lambda: client.ensure(uri, 0, 0, prefetch=prefetch))
-        self.lease, self.etag, self.size = first["lease"], first["etag"], int(first["size"])
-        self.span_bytes = int(first["chunk_size"])
-        self.identity = FileIdentity(first["uri"], self.etag, self.size)
+            None, lambda: client.ensure_range(uri, 0, 0, prefetch=prefetch))
+        self.lease, self.etag, self.size = first.lease, first.etag, first.size
+        self.span_bytes = first.chunk_size
+        self.identity = FileIdentity(first.uri, self.etag, self.size)
         try:
             data = await self._read_bytes(0, min(self.size, self.span_bytes))
             n = header_length(data[:HEADER_PREFIX_BYTES], source=uri)
@@ -366,15 +362,16 @@ class AgentSource(Source):
     async def start(self, full: bool) -> None:
         if full:  # the agent reads the rest of the file ahead of us, in order
             await asyncio.get_running_loop().run_in_executor(
-                None, lambda: self.client.ensure(lease=self.lease, offset=0, length=0, prefetch=True))
+                None, lambda: self.client.ensure_range(lease=self.lease, offset=0, length=0,
+                                                       prefetch=True))
 
-    async def _ensure(self, offset: int, length: int) -> dict[str, Any]:
+    async def _ensure(self, offset: int, length: int) -> EnsureReply:
         loop = asyncio.get_running_loop()
         window = await loop.run_in_executor(
-            None, lambda: self.client.ensure(lease=self.lease, offset=offset, length=length))
-        if window["etag"] != self.etag:
+            None, lambda: self.client.ensure_range(lease=self.lease, offset=offset, length=length))
+        if window.etag != self.etag:
             raise ObjectChanged(f"{self.name} changed at the origin during the load "
-                                f"(ETag {self.etag} → {window['etag']}); load it again")
+                                f"(ETag {self.etag} → {window.etag}); load it again")
         return window
 
     async def fill(self, begin: int, end: int, views: Sequence[View]) -> None:
@@ -383,8 +380,8 @@ class AgentSource(Source):
         chunk_begin = index * self.span_bytes
         chunk_len = min(self.span_bytes, self.size - chunk_begin)
         window = await self._ensure(chunk_begin, chunk_len)
-        chunk = window["chunks"][0]
-        if chunk["cached"]:
+        chunk = window.chunks[0]
+        if chunk.cached:
             if await loop.run_in_executor(None, _read_chunk, chunk, views):
                 self.stats.add(self.kind, end - begin)
                 return
@@ -393,8 +390,8 @@ class AgentSource(Source):
             log.warning("coldbrew.loader: agent chunk %d of %s failed its digest check; "
                         "asking the agent to fetch it again", index, self.name)
             await loop.run_in_executor(None, self.client.report_corrupt, self.lease, index)
-            chunk = (await self._ensure(chunk_begin, chunk_len))["chunks"][0]
-            if chunk["cached"] and await loop.run_in_executor(None, _read_chunk, chunk, views):
+            chunk = (await self._ensure(chunk_begin, chunk_len)).chunks[0]
+            if chunk.cached and await loop.run_in_executor(None, _read_chunk, chunk, views):
                 self.stats.add(self.kind, end - begin)
                 return
         # Not cached (the agent's disk is full) or still bad: the agent streams verified bytes.
@@ -431,21 +428,23 @@ class AgentSource(Source):
                 pass
 
 
-def _read_chunk(chunk: dict[str, Any], views: Sequence[View]) -> bool:
+def _read_chunk(chunk: Chunk, views: Sequence[View]) -> bool:
     """Read a whole chunk from the agent's data file into ``views`` (+ scratch) and check
     its digest. The chunk lies at its own offset in that file (the object's layout)."""
+    if chunk.path is None:
+        return False
     try:
-        fd = os.open(chunk["path"], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(chunk.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return False  # evicted by hand?: the caller falls back to the stream
     try:
-        begin, length = int(chunk["offset"]), int(chunk["length"])
+        begin, length = chunk.offset, chunk.length
         if os.fstat(fd).st_size < begin + length:
             return False
         buffers = cover(begin, begin + length, views)
         if pread_into(fd, begin, buffers) != length:
             return False
-        return chunk.get("digest") is None or digest_of(buffers) == chunk["digest"]
+        return intact_pieces(buffers, chunk.digest)
     finally:
         os.close(fd)
 
@@ -476,7 +475,7 @@ class OriginSource(Source):
         self.requests = 0
 
     @classmethod
-    async def open(cls, origin: Any, info: Any, concurrency: int) -> "OriginSource":
+    async def open(cls, origin: Any, info: Any, concurrency: int) -> OriginSource:
         self = cls(origin, info, concurrency)
         size = info.size
         probe = bytearray(min(size, HEADER_PROBE_BYTES))

@@ -208,7 +208,7 @@ class WriteThroughCache:
     # --- writing ---------------------------------------------------------------------
 
     def begin(self, identity: FileIdentity, header: bytes,
-              block_bytes: int = DEFAULT_BLOCK_BYTES, *, defer: bool = False) -> "Writeback":
+              block_bytes: int = DEFAULT_BLOCK_BYTES, *, defer: bool = False) -> Writeback:
         return Writeback(self, identity, header, block_bytes, defer=defer)
 
     def sweep(self) -> None:
@@ -360,7 +360,7 @@ class Writeback:
             await asyncio.get_running_loop().run_in_executor(writer_executor(), self._publish)
             self.committed = True
             return True
-        except Exception as e:  # noqa: BLE001 - a cache fault never fails a load
+        except Exception as e:
             self._fail(e)
             return False
         finally:
@@ -374,7 +374,7 @@ class Writeback:
             self._writer.cancel()
             try:
                 await self._writer
-            except BaseException:  # noqa: BLE001
+            except BaseException:
                 pass
         await self._cleanup()
 
@@ -421,7 +421,7 @@ class Writeback:
             view = view[n:]
 
     def _publish(self) -> None:
-        data_path, meta_path = self.cache._paths(self.identity)  # noqa: SLF001
+        data_path, meta_path = self.cache._paths(self.identity)
         data_path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "uri": self.identity.uri, "etag": self.identity.etag,
                 "size": self.identity.size, "block_bytes": self.block_bytes,

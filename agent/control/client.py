@@ -1,10 +1,22 @@
-"""Client of the agent's control API (HTTP over its unix socket). Stdlib only.
+"""Client of the agent's control API (HTTP over its unix socket).
 
 Used by the CLI and by the loader inside model runners, so it must stay light:
-no aiohttp, no torch, no s3fs. Errors sent by the agent come back as the same
+no aiohttp, no torch, no s3fs: the stdlib, the protocol and the one integrity check
+(:mod:`coldbrew.agent.cache.verify`, xxhash). Errors sent by the agent come back as the same
 coldbrew exception classes (``ObjectNotFound``, ``AccessDenied``...); an agent
 that is not running is :class:`AgentUnavailable` with a message that says how
 to fix it.
+
+Two shapes of answer, each message of :mod:`coldbrew.agent.control.protocol`:
+
+* typed — :meth:`AgentClient.ensure_range`, :meth:`~AgentClient.listing` and
+  :meth:`~AgentClient.report_corrupt` read the reply through the protocol, so an agent
+  of another version that left out a field, or changed its type, is a
+  :class:`~coldbrew.agent.errors.BadMessage` naming it, not a ``KeyError`` later. Code
+  (the loader, :meth:`~AgentClient.get`) uses these;
+* the JSON document as the agent sent it — :meth:`~AgentClient.health`,
+  :meth:`~AgentClient.status`, :meth:`~AgentClient.ls`, :meth:`~AgentClient.ensure`... —
+  what the CLI shows and ``coldbrew ... --json`` prints, a newer agent's fields included.
 
 :meth:`AgentClient.get` copies a file out through the node cache: the agent
 makes each window of chunks present (prefetching ahead), and the client
@@ -16,20 +28,22 @@ from __future__ import annotations
 
 import collections
 import json
-import mmap
 import os
 import threading
 
-import xxhash
-
-from . import unixhttp
 from ..errors import AgentUnavailable, ObjectChanged, error_from_kind
+from . import unixhttp
 
 # No pathlib, typing, urllib.parse or dataclasses at import: every CLI command pays for
 # them at start (~10 ms together, measured; bench/RESULTS.md, "Finding: the CLI's start").
+# So the protocol (dataclasses) and the integrity check (the digest, and typing) are imported
+# where a typed reply is read or a chunk checked, never by `coldbrew status` or `prewarm`.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable, Iterator
+    from collections.abc import Callable, Iterator
+    from typing import Any
+
+    from .protocol import Chunk, CorruptReply, EnsureReply, LsReply
 
 DEFAULT_SOCKET = "/run/coldbrew/agent.sock"
 _WINDOW_BYTES = 64 << 20  # ask for this much per ensure: few round trips, early start
@@ -93,39 +107,79 @@ class AgentClient:
                 raise AgentUnavailable(f"the agent on {self.socket_path}: {e}") from None
         return _decode(response.status, data)
 
-    # --- API ---------------------------------------------------------------------------
+    # --- API: typed replies (the loader, `coldbrew get`) -----------------------------------
+    # Each reads its answer through the protocol, imported once an answer has come: a command
+    # that finds no agent does not pay for it. The request bodies are the protocol's request
+    # messages written out by hand for the same reason (tests/test_protocol.py checks that
+    # they read as those messages).
 
-    def health(self) -> dict[str, Any]:
-        return self.request("GET", "/v1/health")
+    def ensure_range(self, uri: str | None = None, offset: int = 0, length: int | None = None, *,
+                     lease: str | None = None, prefetch: bool = False) -> EnsureReply:
+        """Make bytes present in the node cache; blocks until they are (no timeout).
 
-    def prewarm(self, uris: list[str]) -> dict[str, Any]:
-        return self.request("POST", "/v1/prewarm", {"uris": uris})
+        ``uri`` opens a new lease on the file's current version; ``lease`` reads on in the
+        version an earlier ensure pinned. ``length`` None: to the end of the file.
+        """
+        data = self.ensure(uri, offset, length, lease=lease, prefetch=prefetch)
+        from .protocol import EnsureReply
 
-    def job(self, job_id: str, wait_s: float = 0.0) -> dict[str, Any]:
-        """A prewarm job's progress; with ``wait_s``, answered early when the job ends."""
-        return self.request("GET", f"/v1/jobs/{job_id}", query={"wait_s": wait_s or None},
-                            timeout=self.timeout_s + wait_s)
+        return EnsureReply.from_json(data)
 
-    def status(self, uri: str | None = None) -> dict[str, Any]:
-        return self.request("GET", "/v1/status", query={"uri": uri}, timeout=None)
+    def listing(self, uri: str = "") -> LsReply:
+        """One level of the origin under ``uri``, with the bytes cached of each file."""
+        data = self.ls(uri)
+        from .protocol import LsReply
 
-    def ls(self, uri: str = "") -> dict[str, Any]:
-        return self.request("GET", "/v1/ls", query={"uri": uri}, timeout=None)
+        return LsReply.from_json(data)
 
-    def evict(self, uri: str) -> dict[str, Any]:
-        return self.request("POST", "/v1/evict", {"uri": uri})
+    def report_corrupt(self, lease: str, index: int) -> CorruptReply:
+        """Chunk ``index`` failed its digest here: the agent checks, drops and refetches it."""
+        data = self.request("POST", "/v1/corrupt", {"lease": lease, "index": index}, timeout=None)
+        from .protocol import CorruptReply
 
-    def ensure(self, uri: str | None = None, offset: int = 0, length: int | None = None, *,
-               lease: str | None = None, prefetch: bool = False) -> dict[str, Any]:
-        """Make bytes present in the node cache; blocks until they are (no timeout)."""
-        body = {"uri": uri, "offset": offset, "length": length, "lease": lease, "prefetch": prefetch}
-        return self.request("POST", "/v1/ensure", body, timeout=None)
+        return CorruptReply.from_json(data)
 
     def release(self, lease: str) -> None:
         self.request("POST", f"/v1/leases/{lease}/release")
 
-    def report_corrupt(self, lease: str, index: int) -> dict[str, Any]:
-        return self.request("POST", "/v1/corrupt", {"lease": lease, "index": index}, timeout=None)
+    # --- API: the JSON documents as the agent sent them (what `coldbrew ... --json` prints) ---
+    # Not read through the protocol: for `coldbrew status`, `prewarm`, `ls`... importing it
+    # would cost about as much as the rest of the command's start (the numbers are in
+    # agent/control/protocol.py's docstring).
+
+    def health(self) -> dict[str, Any]:
+        """A :class:`~.protocol.Health`."""
+        return self.request("GET", "/v1/health")
+
+    def prewarm(self, uris: list[str]) -> dict[str, Any]:
+        """Start a prewarm job; the reply is the :class:`~.protocol.Job`."""
+        return self.request("POST", "/v1/prewarm", {"uris": uris})
+
+    def job(self, job_id: str, wait_s: float = 0.0) -> dict[str, Any]:
+        """A prewarm job's progress (a :class:`~.protocol.Job`); with ``wait_s``, answered
+        early when the job ends."""
+        return self.request("GET", f"/v1/jobs/{job_id}", query={"wait_s": wait_s or None},
+                            timeout=self.timeout_s + wait_s)
+
+    def status(self, uri: str | None = None) -> dict[str, Any]:
+        """A :class:`~.protocol.StatusReply`."""
+        return self.request("GET", "/v1/status", query={"uri": uri}, timeout=None)
+
+    def ls(self, uri: str = "") -> dict[str, Any]:
+        """:meth:`listing` as the JSON document (an :class:`~.protocol.LsReply`)."""
+        return self.request("GET", "/v1/ls", query={"uri": uri}, timeout=None)
+
+    def evict(self, uri: str) -> dict[str, Any]:
+        """An :class:`~.protocol.EvictReply`."""
+        return self.request("POST", "/v1/evict", {"uri": uri})
+
+    def ensure(self, uri: str | None = None, offset: int = 0, length: int | None = None, *,
+               lease: str | None = None, prefetch: bool = False) -> dict[str, Any]:
+        """:meth:`ensure_range` as the JSON document (an :class:`~.protocol.EnsureReply`)."""
+        body = {"uri": uri, "offset": offset, "length": length, "lease": lease, "prefetch": prefetch}
+        return self.request("POST", "/v1/ensure", body, timeout=None)
+
+    # --- streaming ------------------------------------------------------------------------
 
     def read(self, uri: str | None = None, offset: int = 0, length: int | None = None, *,
              lease: str | None = None, piece_bytes: int = 1 << 20) -> Iterator[bytes]:
@@ -136,9 +190,9 @@ class AgentClient:
         """
         own_lease = None
         if length is None:  # to the end: pin the version whose size we learn
-            opened = self.ensure(uri, offset, 0, lease=lease)
-            own_lease = None if lease else opened["lease"]
-            lease, length = opened["lease"], opened["size"] - offset
+            opened = self.ensure_range(uri, offset, 0, lease=lease)
+            own_lease = None if lease else opened.lease
+            lease, length = opened.lease, opened.size - offset
         try:
             yield from self._read_resuming(uri, offset, length, lease, piece_bytes)
         finally:
@@ -180,19 +234,19 @@ class AgentClient:
         """Copy ``uri`` to ``dest`` through the cache; atomic (temp file + rename)."""
         folder, name = os.path.split(os.fspath(dest))
         tmp = os.path.join(folder, f".{name}.coldbrew-{os.getpid()}.tmp")
-        first = self.ensure(uri, 0, 0, prefetch=True)  # open, lease, start read-ahead
-        lease, size = first["lease"], first["size"]
-        copier = _Copier(self, lease, first["etag"])
+        first = self.ensure_range(uri, 0, 0, prefetch=True)  # open, lease, start read-ahead
+        lease, size = first.lease, first.size
+        copier = _Copier(self, lease, first.etag)
         try:
             with open(tmp, "wb") as out:
                 done = 0
                 # All cached already: one round trip. Else windows, so copying starts early.
-                step = size if first["cached_bytes"] == size else _WINDOW_BYTES
+                step = size if first.cached_bytes == size else _WINDOW_BYTES
                 while done < size:
-                    window = self.ensure(lease=lease, offset=done, length=min(step, size - done))
+                    window = self.ensure_range(lease=lease, offset=done, length=min(step, size - done))
                     copier.check_version(window)
-                    for chunk in copier.copy_window(window["chunks"], out):
-                        done = chunk["offset"] + chunk["length"]
+                    for chunk in copier.copy_window(window.chunks, out):
+                        done = chunk.offset + chunk.length
                         if progress:
                             progress(done, size)
             os.replace(tmp, dest)
@@ -204,7 +258,7 @@ class AgentClient:
                 self.release(lease)
             except AgentUnavailable:
                 pass
-        return GetResult(first["uri"], first["etag"], size, copier.from_file, copier.streamed)
+        return GetResult(first.uri, first.etag, size, copier.from_file, copier.streamed)
 
 
 class _Copier:
@@ -217,12 +271,12 @@ class _Copier:
         self.from_file = 0
         self.streamed = 0
 
-    def check_version(self, window: dict[str, Any]) -> None:
-        if window["etag"] != self.etag:
-            raise ObjectChanged(f"{window['uri']} changed at the origin during the copy "
-                                f"(ETag {self.etag} → {window['etag']}); run it again")
+    def check_version(self, window: EnsureReply) -> None:
+        if window.etag != self.etag:
+            raise ObjectChanged(f"{window.uri} changed at the origin during the copy "
+                                f"(ETag {self.etag} → {window.etag}); run it again")
 
-    def copy_window(self, chunks: list[dict[str, Any]], out: Any) -> Iterator[dict[str, Any]]:
+    def copy_window(self, chunks: tuple[Chunk, ...], out: Any) -> Iterator[Chunk]:
         """Copy a window of chunks in order, yielding each once it is in ``out``.
 
         Digest checks run one chunk ahead in a worker thread while the kernel
@@ -241,7 +295,7 @@ class _Copier:
                     self._repair_or_stream(chunk, out)
                 else:
                     try:
-                        _copy_range(fd, out.fileno(), chunk["length"], chunk["offset"], chunk["offset"])
+                        _copy_range(fd, out.fileno(), chunk.length, chunk.offset, chunk.offset)
                     finally:
                         os.close(fd)
                     self.from_file += 1
@@ -249,26 +303,25 @@ class _Copier:
         finally:
             ahead.close(taken)
 
-    def _repair_or_stream(self, chunk: dict[str, Any], out: Any) -> None:
-        if chunk["cached"]:
+    def _repair_or_stream(self, chunk: Chunk, out: Any) -> None:
+        if chunk.cached:
             # Failed its digest here: the agent re-checks, drops and refetches it.
-            self.client.report_corrupt(self.lease, chunk["index"])
-            chunk = self.client.ensure(lease=self.lease, offset=chunk["offset"],
-                                       length=chunk["length"])["chunks"][0]
-            fd = _open_verified(chunk) if chunk["cached"] else None
+            self.client.report_corrupt(self.lease, chunk.index)
+            chunk = self.client.ensure_range(lease=self.lease, offset=chunk.offset,
+                                             length=chunk.length).chunks[0]
+            fd = _open_verified(chunk) if chunk.cached else None
             if fd is not None and fd >= 0:
                 try:
-                    _copy_range(fd, out.fileno(), chunk["length"], chunk["offset"], chunk["offset"])
+                    _copy_range(fd, out.fileno(), chunk.length, chunk.offset, chunk.offset)
                 finally:
                     os.close(fd)
                 self.from_file += 1
                 return
         self._stream(chunk, out)  # uncached (cache full) or still bad: the agent verifies
 
-    def _stream(self, chunk: dict[str, Any], out: Any) -> None:
-        out.seek(chunk["offset"])
-        for piece in self.client.read(lease=self.lease, offset=chunk["offset"],
-                                      length=chunk["length"]):
+    def _stream(self, chunk: Chunk, out: Any) -> None:
+        out.seek(chunk.offset)
+        for piece in self.client.read(lease=self.lease, offset=chunk.offset, length=chunk.length):
             out.write(piece)
         self.streamed += 1
 
@@ -280,7 +333,7 @@ class _Verifier:
     ``logging``) costs every CLI start ~13 ms.
     """
 
-    def __init__(self, chunks: list[dict[str, Any]]) -> None:
+    def __init__(self, chunks: tuple[Chunk, ...]) -> None:
         self._chunks = chunks
         self._fds: list[int | None] = [None] * len(chunks)
         self._error: BaseException | None = None
@@ -294,8 +347,8 @@ class _Verifier:
             if self._stop:
                 return
             try:
-                self._fds[i] = _open_verified(chunk) if chunk["cached"] else None
-            except BaseException as e:  # noqa: BLE001 - handed to the copying thread
+                self._fds[i] = _open_verified(chunk) if chunk.cached else None
+            except BaseException as e:
                 self._error = e
                 self._stop = True
             finally:
@@ -320,29 +373,25 @@ class _Verifier:
 _UNREADABLE = -1
 
 
-def _open_verified(chunk: dict[str, Any]) -> int | None:
+def _open_verified(chunk: Chunk) -> int | None:
     """An open fd on the cache's data file if the chunk's bytes in it match its digest.
 
-    The chunk lies at ``chunk["offset"]`` of ``chunk["path"]`` (the file's bytes at their
-    own offsets). None: its bytes there are wrong (corrupt, or replaced);
-    ``_UNREADABLE``: this process cannot open it (another mount namespace, or evicted).
+    The chunk lies at ``chunk.offset`` of ``chunk.path`` (the file's bytes at their own
+    offsets). None: its bytes there are wrong (corrupt, or replaced); ``_UNREADABLE``: this
+    process cannot open it (another mount namespace, or evicted).
 
-    Hashes through mmap (no copy); the fd stays open so the copy reads the very
-    inode that was checked, even if the file is replaced meanwhile.
+    The fd stays open so the copy reads the very inode that was checked, even if the file is
+    replaced meanwhile.
     """
-    try:
-        fd = os.open(chunk["path"], os.O_RDONLY)
-    except OSError:
+    from ..cache.verify import intact_at
+
+    if chunk.path is None:
         return _UNREADABLE
     try:
-        offset, length = chunk["offset"], chunk["length"]
-        ok = os.fstat(fd).st_size >= offset + length
-        if ok and length:
-            with mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=offset) as m:
-                ok = xxhash.xxh3_128_hexdigest(m) == chunk["digest"]
+        fd = os.open(chunk.path, os.O_RDONLY)
     except OSError:
-        ok = False
-    if not ok:
+        return _UNREADABLE
+    if not intact_at(fd, chunk.offset, chunk.length, chunk.digest):
         os.close(fd)
         return None
     return fd
@@ -383,6 +432,9 @@ def _copy_range(src_fd: int, dst_fd: int, length: int, src_offset: int, dst_offs
 
 
 def _decode(status: int, data: bytes) -> Any:
+    """The answer's JSON; an error reply (a :class:`~.protocol.ErrorReply`) raised as the
+    coldbrew exception it names. Read leniently, by hand: an error may come from something
+    that is not our agent, and formatting one is no reason to load the protocol."""
     try:
         payload = json.loads(data) if data else {}
     except json.JSONDecodeError:

@@ -16,8 +16,10 @@ use :mod:`coldbrew.agent.control.client`):
     POST /v1/corrupt   {lease, index}     a reader found a chunk failing its digest
     GET  /v1/read?uri=&offset=&length=    the bytes themselves, streamed (any reader)
 
-Errors are ``{"error": {"kind", "message"}}`` with a matching HTTP status; the
-client rebuilds the same exception class from ``kind``.
+Every body and reply is a message of :mod:`coldbrew.agent.control.protocol`, built
+here as a dataclass and sent with ``to_json()``. Errors are ``{"error": {"kind",
+"message"}}`` with a matching HTTP status; the client rebuilds the same exception
+class from ``kind``. Leases live in :mod:`coldbrew.agent.control.leases`.
 
 The metrics listener (``--metrics-address``) serves ``/metrics``, ``/healthz``
 and ``/readyz`` for Prometheus and the kubelet.
@@ -27,17 +29,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from ... import __version__
+from ..core.manifest import FileIdentity
 from ..errors import (
     AccessDenied,
+    BadMessage,
     ColdbrewError,
     FileBusy,
     ObjectChanged,
@@ -45,15 +46,17 @@ from ..errors import (
     OriginUnavailable,
     UsageError,
 )
-from ..fetch.fetcher import Fetcher, OpenFile, Priority
-from ..fetch.jobs import Jobs
+from ..fetch.fetcher import Fetcher, Priority
+from ..fetch.jobs import Jobs, PrewarmJob
 from ..metrics import SOURCES, AgentMetrics
+from . import protocol as p
+from .leases import Lease, Leases
 
 log = logging.getLogger("coldbrew.api")
 
-LEASE_TTL_S = 120.0
-
 _STATUS_FOR = [
+    # A reply the agent built that its own protocol refuses is the agent's bug, not the caller's.
+    (BadMessage, 500),
     (UsageError, 400), (ValueError, 400), (AccessDenied, 403), (ObjectNotFound, 404),
     (FileBusy, 409), (ObjectChanged, 412), (OriginUnavailable, 502),
 ]
@@ -66,68 +69,16 @@ def _status_for(exc: BaseException) -> int:
     return 500
 
 
-@dataclass
-class Lease:
-    id: str
-    file: OpenFile
-    expires: float
-    #: Chunks an ensure fetched but the cache could not store (disk full or failing), kept
-    #: for this lease's next read of them, which would otherwise fetch them again.
-    uncached: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
-
-    def keep_uncached(self, index: int, data: bytes) -> None:
-        self.uncached[index] = data
-        self.uncached.move_to_end(index)
-        while len(self.uncached) > _UNCACHED_PER_LEASE:
-            self.uncached.popitem(last=False)
-
-
-#: Uncached chunks a lease keeps: an ensure window of `coldbrew get` (64 MiB) at 16 MiB chunks.
-_UNCACHED_PER_LEASE = 4
-
-
-class Leases:
-    """Readers' claims on files: a leased file is pinned (never evicted) until released or expired."""
-
-    def __init__(self, fetcher: Fetcher) -> None:
-        self.fetcher = fetcher
-        self._leases: dict[str, Lease] = {}
-
-    def create(self, f: OpenFile) -> Lease:
-        lease = Lease(secrets.token_hex(8), f, time.monotonic() + LEASE_TTL_S)
-        self.fetcher.store.pin(f.entry)
-        self._leases[lease.id] = lease
-        return lease
-
-    def get(self, lease_id: str) -> Lease:
-        lease = self._leases.get(lease_id)
-        if lease is None:
-            raise UsageError(f"lease {lease_id} is unknown or expired; ensure the file again")
-        lease.expires = time.monotonic() + LEASE_TTL_S
-        return lease
-
-    def release(self, lease_id: str) -> None:
-        lease = self._leases.pop(lease_id, None)
-        if lease is not None:
-            self.fetcher.store.unpin(lease.file.entry)
-
-    def expire(self) -> None:
-        now = time.monotonic()
-        for lease in [x for x in self._leases.values() if x.expires < now]:
-            self.release(lease.id)
-
-    def release_all(self) -> None:
-        for lease_id in list(self._leases):
-            self.release(lease_id)
-
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+M = TypeVar("M", bound=p.Message)
 
 
 class ControlAPI:
     def __init__(self, fetcher: Fetcher, jobs: Jobs, metrics: AgentMetrics,
-                 facts: dict[str, Any]) -> None:
+                 facts: dict[str, Any],
+                 p2p_status: Callable[[], dict[str, Any]] | None = None) -> None:
         self.fetcher = fetcher
+        self.p2p_status = p2p_status  # the status's "p2p" part; None: P2P is off
         self.jobs = jobs
         self.metrics = metrics
         self.facts = facts
@@ -173,7 +124,7 @@ class ControlAPI:
             return _error(e, _status_for(e))
         except (ValueError, KeyError, TypeError) as e:
             return _error(UsageError(f"bad request to {request.path}: {e}"), 400)
-        except Exception as e:  # noqa: BLE001 - one bad request must not take the agent down
+        except Exception as e:
             log.exception("control API handler crashed", extra={"path": request.path})
             return _error(ColdbrewError(f"internal error in agent: {type(e).__name__}: {e}"), 500)
         finally:
@@ -194,21 +145,23 @@ class ControlAPI:
                             content_type="text/plain", charset="utf-8")
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({**self.facts, "version": __version__, "ready": self.ready})
+        return _reply(health_reply(self.facts, self.ready))
 
     # --- prewarm --------------------------------------------------------------------------
 
     async def prewarm(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        uris = body.get("uris")
-        if not isinstance(uris, list) or not uris or not all(isinstance(u, str) for u in uris):
+        try:
+            uris = (await _body(request, p.PrewarmRequest)).uris
+        except UsageError:
+            uris = ()
+        if not uris:
             raise UsageError("prewarm needs {\"uris\": [\"s3://bucket/key\", ...]}")
         resolved = [self.fetcher.origin.resolve(u) for u in uris]
         job = self.jobs.start(resolved)
-        return web.json_response(job.to_json(), status=202)
+        return _reply(job_reply(job), status=202)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
-        return web.json_response({"jobs": [j.to_json() for j in self.jobs.all()]})
+        return _reply(p.JobList(tuple(job_reply(j) for j in self.jobs.all())))
 
     async def get_job(self, request: web.Request) -> web.Response:
         job = self.jobs.get(request.match_info["id"])
@@ -220,9 +173,9 @@ class ControlAPI:
             # Long poll: answer at once when the job ends, else after wait_s with progress.
             try:
                 await asyncio.wait_for(self.jobs.wait(job), wait_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
-        return web.json_response(job.to_json())
+        return _reply(job_reply(job))
 
     # --- status, ls, evict --------------------------------------------------------------
 
@@ -231,45 +184,48 @@ class ControlAPI:
         store = self.fetcher.store
         if uri:
             infos = await self.fetcher.origin.expand(self.fetcher.origin.resolve(uri))
-            files = []
-            for info in infos:
-                entry = store.find(info.identity.key())
-                files.append(_file_json(info.uri, info.etag, info.size, entry))
+            files = [file_status(info.uri, info.etag, info.size, store.find(info.identity.key()))
+                     for info in infos]
         else:
-            files = [_file_json(e.identity.uri, e.identity.etag, e.identity.size, e)
+            files = [file_status(e.identity.uri, e.identity.etag, e.identity.size, e)
                      for e in sorted(store.entries(), key=lambda e: e.identity.uri)]
-        return web.json_response({"files": files, "agent": self._agent_totals()})
+        return _reply(p.StatusReply(tuple(files), self._agent_totals()))
 
-    def _agent_totals(self) -> dict[str, Any]:
+    def _agent_totals(self) -> p.AgentTotals:
         m, store = self.metrics, self.fetcher.store
-        return {
-            "origin": self.fetcher.origin.root,
-            "cache_dir": str(store.root.parent),
-            "cache_bytes": store.used_bytes,
-            "cache_capacity_bytes": store.capacity(),
-            "served_bytes": {s: int(m.value("coldbrew_bytes_served_total", source=s))
-                             for s in SOURCES},
-            "origin_bytes": int(m.value("coldbrew_origin_bytes_total")),
-            "corrupt_chunks": int(sum(m.value("coldbrew_corrupt_chunks_total", source=s)
-                                      for s in SOURCES)),
-            "jobs_running": sum(1 for j in self.jobs.all() if j.finished is None),
-            "p2p": self.fetcher.sharing.status() if self.fetcher.sharing else None,
-        }
+        return p.AgentTotals(
+            origin=self.fetcher.origin.root,
+            cache_dir=str(store.root.parent),
+            cache_bytes=store.used_bytes,
+            cache_capacity_bytes=store.capacity(),
+            served_bytes={s: int(m.value("coldbrew_bytes_served_total", source=s))
+                          for s in SOURCES},
+            origin_bytes=int(m.value("coldbrew_origin_bytes_total")),
+            corrupt_chunks=int(sum(m.value("coldbrew_corrupt_chunks_total", source=s)
+                                   for s in SOURCES)),
+            jobs_running=sum(1 for j in self.jobs.all() if j.finished is None),
+            p2p=self.p2p_status() if self.p2p_status else None,
+        )
 
     async def ls(self, request: web.Request) -> web.Response:
         origin = self.fetcher.origin
         uri = origin.resolve(request.query.get("uri", ""))
         listing = await origin.list_dir(uri)
         store = self.fetcher.store
+        entries = []
         for item in listing:
+            cached = None
             if item["type"] == "file":
-                entry = store.find(_key(item))
-                item["cached_bytes"] = entry.cached_bytes if entry else 0
-        return web.json_response({"uri": uri, "entries": listing})
+                entry = store.find(FileIdentity(item["uri"], item["etag"], item["size"]).key())
+                cached = entry.cached_bytes if entry else 0
+            entries.append(p.LsEntry(uri=item["uri"], name=item["name"], type=item["type"],
+                                     size=item["size"], etag=item.get("etag"),
+                                     mtime=item.get("mtime"), cached_bytes=cached))
+        return _reply(p.LsReply(uri, tuple(entries)))
 
     async def evict(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        uri = self.fetcher.origin.resolve(str(body["uri"]))
+        body = await _body(request, p.EvictRequest)
+        uri = self.fetcher.origin.resolve(body.uri)
         store = self.fetcher.store
         prefix = uri.rstrip("/") + "/"
         evicted, freed, busy = [], 0, []
@@ -280,33 +236,34 @@ class ControlAPI:
                     evicted.append(entry.identity.uri)
                 except FileBusy:
                     busy.append(entry.identity.uri)
-        return web.json_response({"evicted": evicted, "bytes": freed, "busy": busy})
+        return _reply(p.EvictReply(tuple(evicted), freed, tuple(busy)))
 
     # --- reading ------------------------------------------------------------------------------
 
     async def ensure(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        if body.get("lease"):
-            lease = self.leases.get(str(body["lease"]))
+        body = await _body(request, p.EnsureRequest)
+        if body.lease:
+            lease = self.leases.get(body.lease)
+        elif body.uri is None:
+            raise UsageError("ensure needs a uri, or the lease of an earlier ensure")
         else:
-            f = await self.fetcher.open(self.fetcher.origin.resolve(str(body["uri"])))
+            f = await self.fetcher.open(self.fetcher.origin.resolve(body.uri))
             lease = self.leases.create(f)
         f = lease.file
         size = f.info.size
-        offset = int(body.get("offset", 0))
-        length = body.get("length")
-        length = size - offset if length is None else int(length)
+        offset = body.offset
+        length = size - offset if body.length is None else body.length
         if offset < 0 or length < 0 or offset + length > size:
             raise UsageError(f"range {offset}+{length} is outside {f.info.uri} ({size} bytes)")
         indexes = list(f.entry.layout.chunks_for(offset, length))
-        if body.get("prefetch"):
+        if body.prefetch:
             self.fetcher.prefetch(f, indexes[-1] + 1 if indexes else 0)
         present = {i for i in indexes if self.fetcher.store.has(f.entry, i)}
         try:
             results = await asyncio.gather(*(self.fetcher.ensure(f, i, Priority.READ)
                                              for i in indexes))
         except BaseException:
-            if not body.get("lease"):
+            if not body.lease:
                 self.leases.release(lease.id)
             raise
         chunks = []
@@ -316,30 +273,28 @@ class ControlAPI:
             start, end = f.entry.layout.bounds(index)
             self.metrics.bytes_served.labels("cache" if index in present else "origin").inc(
                 end - start)
-            chunks.append({"index": index, "offset": start, "length": end - start,
-                           "cached": uncached is None,
-                           "path": str(f.entry.data_path) if uncached is None else None,
-                           "digest": f.entry.digests.get(index)})
+            chunks.append(p.Chunk(index=index, offset=start, length=end - start,
+                                  cached=uncached is None,
+                                  path=str(f.entry.data_path) if uncached is None else None,
+                                  digest=f.entry.digests.get(index)))
         self.leases.expire()
-        return web.json_response({"uri": f.info.uri, "etag": f.info.etag, "size": size,
-                                  "chunk_size": f.entry.chunk_size, "lease": lease.id,
-                                  "cached_bytes": f.entry.cached_bytes,
-                                  "chunks": chunks})
+        return _reply(p.EnsureReply(uri=f.info.uri, etag=f.info.etag, size=size,
+                                    chunk_size=f.entry.chunk_size, lease=lease.id,
+                                    cached_bytes=f.entry.cached_bytes, chunks=tuple(chunks)))
 
     async def release(self, request: web.Request) -> web.Response:
         self.leases.release(request.match_info["id"])
-        return web.json_response({"released": True})
+        return _reply(p.ReleaseReply(released=True))
 
     async def corrupt(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        lease = self.leases.get(str(body["lease"]))
-        index = int(body["index"])
+        body = await _body(request, p.CorruptRequest)
+        lease = self.leases.get(body.lease)
         f = lease.file
         # Trust, but check: only drop the chunk if the agent sees the corruption too.
-        intact = await self.fetcher.verify(f, index)
+        intact = await self.fetcher.verify(f, body.index)
         if not intact:
-            await self.fetcher.ensure(f, index, Priority.READ)
-        return web.json_response({"index": index, "was_corrupt": not intact})
+            await self.fetcher.ensure(f, body.index, Priority.READ)
+        return _reply(p.CorruptReply(index=body.index, was_corrupt=not intact))
 
     async def read(self, request: web.Request) -> web.StreamResponse:
         q = request.query
@@ -391,19 +346,41 @@ class ControlAPI:
             self.fetcher.store.unpin(f.entry)
 
 
-def _key(item: dict[str, Any]) -> str:
-    from ..core.manifest import FileIdentity
-
-    return FileIdentity(item["uri"], item["etag"], item["size"]).key()
+# --- replies, built from the agent's own objects --------------------------------------------
 
 
-def _file_json(uri: str, etag: str, size: int, entry: Any) -> dict[str, Any]:
+def health_reply(facts: dict[str, Any], ready: bool) -> p.Health:
+    """The agent's facts (set by the daemon once it serves) read through the protocol, so a
+    fact of the wrong type fails here, in the agent, not in every client."""
+    return p.Health.from_json({**facts, "version": __version__, "ready": ready})
+
+
+def job_reply(job: PrewarmJob) -> p.Job:
+    """A job's progress. The fetch layer summarises its own jobs (it may not import the
+    protocol); reading that summary through the protocol checks the two agree."""
+    return p.Job.from_json(job.to_json())
+
+
+def file_status(uri: str, etag: str, size: int, entry: Any) -> p.FileStatus:
+    """One file version and the cache ``entry`` holding it (None: not cached)."""
     cached = entry.cached_bytes if entry else 0
-    count = entry.layout.count if entry else None
-    return {"uri": uri, "etag": etag, "size": size, "cached_bytes": cached,
-            "chunks": count, "chunks_cached": len(entry.present) if entry else 0,
-            "complete": cached == size}
+    return p.FileStatus(uri=uri, etag=etag, size=size, cached_bytes=cached,
+                        chunks=entry.layout.count if entry else None,
+                        chunks_cached=len(entry.present) if entry else 0,
+                        complete=cached == size)
+
+
+async def _body(request: web.Request, message: type[M]) -> M:
+    """The request's JSON body as ``message``; a malformed one is the caller's usage error."""
+    try:
+        return message.from_json(await request.json())
+    except BadMessage as e:
+        raise UsageError(f"bad request to {request.path}: {e}") from None
+
+
+def _reply(message: p.Message, status: int = 200) -> web.Response:
+    return web.json_response(message.to_json(), status=status)
 
 
 def _error(exc: ColdbrewError, status: int) -> web.Response:
-    return web.json_response({"error": {"kind": exc.kind, "message": str(exc)}}, status=status)
+    return _reply(p.ErrorReply.of(exc), status=status)

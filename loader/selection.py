@@ -1,0 +1,106 @@
+"""Which source each file of a load is read from, chosen once per file when it is opened.
+
+* a local path: in place (:class:`~coldbrew.loader.sources.LocalFileSource`);
+* a remote URI with the node agent reachable on its socket: through the agent's verified
+  chunk cache (:class:`~coldbrew.loader.sources.AgentSource`);
+* a remote URI without an agent: the write-through cache's copy when it holds this exact
+  version (URI, ETag, size), the origin behind it for any block that fails its check
+  (:class:`~coldbrew.loader.sources.CacheFileSource`); else the origin itself
+  (:class:`~coldbrew.loader.sources.OriginSource`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from coldbrew.agent.errors import AgentUnavailable, HeaderError
+from coldbrew.loader.locate import is_remote, local_path
+from coldbrew.loader.sources import (
+    AgentSource,
+    CacheFileSource,
+    LocalFileSource,
+    OriginSource,
+    Source,
+)
+
+if TYPE_CHECKING:
+    from coldbrew.agent.control.client import AgentClient
+    from coldbrew.loader.origins import Origins
+    from coldbrew.loader.writeback import WriteThroughCache
+
+log = logging.getLogger("coldbrew.loader")
+
+#: Files opened at once (each open reads its header: a GET or two for a remote file).
+_OPENS_IN_FLIGHT = 8
+
+
+async def find_agent(socket: str | None, wanted: bool | None) -> AgentClient | None:
+    """The node agent's client if it answers on ``socket``. ``wanted``: None uses it when it
+    answers, True requires it (AgentUnavailable if it does not), False never uses it."""
+    if wanted is False:
+        return None
+    from coldbrew.agent.control.client import AgentClient
+
+    client = AgentClient(socket, timeout_s=10.0)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, client.health)
+        return client
+    except (AgentUnavailable, OSError) as e:
+        if wanted:
+            raise AgentUnavailable(f"agent=True but {e}") from None
+        log.debug("coldbrew.loader: no agent (%s); reading from the origin", e)
+        return None
+
+
+class SourceOpener:
+    """Opens the source of each file: in place, through ``agent``, from ``cache`` or from
+    ``origins``, as the module docstring says."""
+
+    def __init__(self, agent: AgentClient | None, origins: Origins,
+                 cache: WriteThroughCache | None, concurrency: int) -> None:
+        self.agent = agent
+        self.origins = origins
+        self.cache = cache
+        self.concurrency = concurrency
+
+    async def open_all(self, files: list[str]) -> list[Source]:
+        """Every file's source, in order; if one fails, those already open are closed."""
+        gate = asyncio.Semaphore(_OPENS_IN_FLIGHT)
+
+        async def one(location: str) -> Source:
+            async with gate:
+                return await self.open(location)
+
+        tasks = [asyncio.ensure_future(one(f)) for f in files]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            opened = await asyncio.gather(*tasks, return_exceptions=True)
+            for s in opened:
+                if isinstance(s, Source):
+                    await s.close()
+            raise
+
+    async def open(self, location: str) -> Source:
+        if not is_remote(location):
+            return await LocalFileSource.open(local_path(location))
+        if self.agent is not None:
+            return await AgentSource.open(self.agent, location, prefetch=False)
+        origin = await self.origins.get(location)
+        info = await origin.stat(location)
+        if self.cache is not None:
+            entry = await asyncio.get_running_loop().run_in_executor(
+                None, self.cache.lookup, info.identity)
+            if entry is not None:
+                fallback = OriginSource(origin, info, self.concurrency)
+                try:
+                    return await CacheFileSource.open_entry(entry, self.cache, fallback, location)
+                except (OSError, HeaderError) as e:
+                    log.warning("coldbrew.loader: cache entry for %s unusable (%s); reading the "
+                                "origin", location, e)
+                    self.cache.discard(entry)
+        return await OriginSource.open(origin, info, self.concurrency)
