@@ -326,7 +326,7 @@ def run_guarded(run: Callable[[], None], close: Callable[[], None],
     except KeyboardInterrupt:
         print("\ninterrupted; cleaning up", file=sys.stderr)
         status = 130
-    except Exception as e:  # noqa: BLE001 - report what we have, then the error
+    except Exception as e:
         print(f"\nbenchmark failed: {type(e).__name__}: {e}", file=sys.stderr)
         if on_failure is not None:
             on_failure()

@@ -537,14 +537,14 @@ class Bench:
         self.rss_check = out
         try:
             self.s3.client().delete_object(Bucket=BUCKET, Key=key)
-        except Exception as e:  # noqa: BLE001 - best effort, the server is going away
+        except Exception as e:
             self.log(f"  could not delete {key}: {e}")
 
     def close(self) -> None:
         for agent in self.agents:
             try:
                 agent.stop()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 print(f"warning: stopping agent: {e}", file=sys.stderr)
         if self.s3 is not None:
             self.s3.stop()
@@ -624,7 +624,8 @@ class Bench:
         if cpu:
             print("CPU seconds per run (median): " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
             print()
-        pf = lambda ok: "n/a " if ok is None else ("PASS" if ok else "FAIL")
+        def pf(ok):
+            return "n/a " if ok is None else ("PASS" if ok else "FAIL")
         b = bars["c_over_b"]
         print("bars:")
         print(f"  {pf(b['pass'])}  (c)/(b) throughput = {C.fmt(b['value'])} (bar >= 0.9; CLI wall time vs "

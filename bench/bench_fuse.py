@@ -54,8 +54,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
-from coldbrew.fuse.mount import fuse_library  # noqa: E402
+import _common as C
+
+from coldbrew.fuse.mount import fuse_library
 
 BUCKET = "coldbrew-bench"
 KEY = "bench/model.safetensors"
@@ -100,6 +101,7 @@ class Bench:
 
     def start_s3(self) -> None:
         from boto3.s3.transfer import TransferConfig
+
         from coldbrew.agent.devtools.locals3 import LocalS3
 
         self.s3 = LocalS3(self.workdir / "s3", log_path=self.workdir / "weed.log")
@@ -276,7 +278,7 @@ class Bench:
         for agent, mnt in self.agents:
             try:
                 agent.stop()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 print(f"warning: stopping agent: {e}", file=sys.stderr)
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, check=False)
         if self.s3 is not None:

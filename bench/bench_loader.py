@@ -63,7 +63,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as C  # noqa: E402
+import _common as C
 
 BUCKET = "coldbrew-bench-loader"
 PREFIX = "model"
@@ -132,7 +132,7 @@ def write_model(root: Path, size: int, shards: int) -> list[Path]:
         path = root / fname
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", len(text)) + text)
-            for j, (name, shape) in enumerate(group):
+            for j, (_name, shape) in enumerate(group):
                 left = 2 * _numel(shape)
                 rolled = np.roll(block, j * 7919 + k)  # different bytes per tensor
                 data = rolled.tobytes()
@@ -377,8 +377,8 @@ def main() -> None:
         worker_main(args.worker)
         return
 
-    from coldbrew.agent.units import parse_size
     from coldbrew.agent.devtools.locals3 import LocalS3
+    from coldbrew.agent.units import parse_size
 
     size_target = parse_size(args.size)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="coldbrew-bench-loader-"))
@@ -429,7 +429,7 @@ def main() -> None:
                         C.read_files(C.files_under(cache))
                     try:
                         r = run_contender(name, {**base, **plans[name]}, env)
-                    except Exception as e:  # noqa: BLE001 - report and go on
+                    except Exception as e:
                         print(f"  {name}: FAILED: {str(e)[-1500:]}", flush=True)
                         continue
                     results[name].append(r)

@@ -38,9 +38,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import _common as C  # noqa: E402
-from coldbrew.agent.devtools.locals3 import free_port_pair  # noqa: E402
-from support.faultproxy import FaultProxy  # noqa: E402
+import _common as C
+from support.faultproxy import FaultProxy
+
+from coldbrew.agent.devtools.locals3 import free_port_pair
 
 BUCKET = "p2p-bench"
 CHUNK = "16MiB"

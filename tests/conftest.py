@@ -10,16 +10,18 @@ import itertools
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from coldbrew.agent.devtools.locals3 import LocalS3  # noqa: E402
-from support.agentproc import AgentProcess  # noqa: E402
-from support.faultproxy import FaultProxy  # noqa: E402
+from support.agentproc import AgentProcess
+from support.faultproxy import FaultProxy
+
+from coldbrew.agent.devtools.locals3 import LocalS3
 
 _bucket_ids = itertools.count()
 

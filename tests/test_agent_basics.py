@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from support.data import put_random
 
 MiB = 1 << 20

@@ -6,8 +6,9 @@ import json
 import random
 import time
 
-from coldbrew.agent.core.manifest import digest, replay_journal
 from support.data import put_random
+
+from coldbrew.agent.core.manifest import digest, replay_journal
 
 MiB = 1 << 20
 

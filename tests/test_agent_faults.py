@@ -12,12 +12,13 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
-
-from coldbrew.agent.errors import ObjectChanged
 from support.data import put_random
 from support.faultproxy import Fault
+
+from coldbrew.agent.errors import ObjectChanged
 
 MiB = 1 << 20
 FAST_RETRIES = ["--retry-base-delay-s", "0.01", "--retry-max-delay-s", "0.05", "--retry-attempts", "20"]
@@ -173,8 +174,8 @@ def test_full_cache_disk_still_serves_correct_bytes(bucket, s3_client, make_agen
 def _entry_dir_on(disk: Path, cache_dir: Path, uri: str, etag: str, size: int) -> None:
     """Make the cache entry of (uri, etag, size) live on ``disk``: the store's free-space
     check looks at the cache dir's (large) disk, but the entry's data file lands on this one."""
-    from coldbrew.agent.core.manifest import FileIdentity
     from coldbrew.agent.cache.store import LAYOUT_VERSION
+    from coldbrew.agent.core.manifest import FileIdentity
 
     key = FileIdentity(uri, etag, size).key()
     entry_dir = cache_dir / LAYOUT_VERSION / "files" / key[:2] / key

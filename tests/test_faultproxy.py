@@ -91,7 +91,7 @@ class _Upstream(BaseHTTPRequestHandler):
             data = self.rfile.read(int(self.headers["Content-Length"]))
         self.store[self.path] = data
         self.send_response(200)
-        self.send_header("ETag", '"%s"' % hashlib.md5(data).hexdigest())
+        self.send_header("ETag", f'"{hashlib.md5(data).hexdigest()}"')
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -184,7 +184,7 @@ def test_passthrough_is_byte_exact_on_one_keepalive_connection(proxy):
     conn.request("PUT", "/obj/put", body=payload)
     resp = conn.getresponse()
     resp.read()
-    assert resp.status == 200 and resp.getheader("ETag") == '"%s"' % hashlib.md5(payload).hexdigest()
+    assert resp.status == 200 and resp.getheader("ETag") == f'"{hashlib.md5(payload).hexdigest()}"'
     resp, body = _get(conn, "/obj/put")
     assert body == payload
     resp, body = _get(conn, "/obj/put", method="HEAD")

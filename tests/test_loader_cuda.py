@@ -13,10 +13,10 @@ import sys
 
 import pytest
 import torch
+from test_loader_files import assert_same, cast_like_the_loader, make_file, reference, write_shards
 
 import coldbrew.loader.sources as sources
 from coldbrew.loader import iter_tensors, load_dir, load_file, wait_writeback
-from test_loader_files import assert_same, cast_like_the_loader, make_file, reference, write_shards
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 KiB, MiB = 1 << 10, 1 << 20

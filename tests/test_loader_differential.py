@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_loader_files import assert_same, cast_like_the_loader, make_file, reference, write_shards
 
 import coldbrew.loader.sources as sources
 from coldbrew.loader import iter_tensors, load_dir, load_file, wait_writeback
 from coldbrew.loader.header import parse_prefix
-from test_loader_files import assert_same, cast_like_the_loader, make_file, reference, write_shards
 
 KiB = 1 << 10
 SEEDS = range(24)

@@ -9,6 +9,7 @@ pin concrete plans.
 from __future__ import annotations
 
 import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -16,14 +16,14 @@ import time
 
 import pytest
 import xxhash
-
-import coldbrew.loader.sources as sources
-from coldbrew.agent.errors import ObjectChanged, ObjectNotFound
-from coldbrew.agent.core.manifest import FileIdentity
-from coldbrew.loader import load_dir, load_file, wait_writeback
-from coldbrew.loader.writeback import LAYOUT, WriteThroughCache
 from support.faultproxy import Fault
 from test_loader_files import assert_same, make_file, reference, write_shards
+
+import coldbrew.loader.sources as sources
+from coldbrew.agent.core.manifest import FileIdentity
+from coldbrew.agent.errors import ObjectChanged, ObjectNotFound
+from coldbrew.loader import load_dir, load_file, wait_writeback
+from coldbrew.loader.writeback import LAYOUT, WriteThroughCache
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -232,7 +232,7 @@ def test_object_replaced_mid_load_raises_and_caches_nothing(env, model, proxy, t
     def run() -> None:
         try:
             load_file(uri, endpoint_url=proxy.url, cache_dir=cache_dir, concurrency=1)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     t = threading.Thread(target=run)

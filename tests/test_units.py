@@ -10,13 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coldbrew.agent.origin import retry as retry_mod
-from coldbrew.agent.errors import (
-    AccessDenied,
-    ObjectNotFound,
-    OriginUnavailable,
-    TransientOriginError,
-)
 from coldbrew.agent.core.eviction import Candidate, capacity_bytes, choose_victims
 from coldbrew.agent.core.manifest import (
     ChunkLayout,
@@ -28,6 +21,13 @@ from coldbrew.agent.core.manifest import (
     parse_journal,
     replay_journal,
 )
+from coldbrew.agent.errors import (
+    AccessDenied,
+    ObjectNotFound,
+    OriginUnavailable,
+    TransientOriginError,
+)
+from coldbrew.agent.origin import retry as retry_mod
 from coldbrew.agent.origin.retry import RetryPolicy, with_retries
 
 FAST = settings(max_examples=200, deadline=None, database=None)
@@ -498,7 +498,7 @@ def test_object_mtimes_come_from_datetimes_numbers_or_the_headers_own_text():
 
     from coldbrew.agent.origin.origin import _mtime_of
 
-    when = datetime.datetime(2026, 12, 1, 22, 0, 5, tzinfo=datetime.timezone.utc)
+    when = datetime.datetime(2026, 12, 1, 22, 0, 5, tzinfo=datetime.UTC)
     assert _mtime_of({"LastModified": "Tue, 01 Dec 2026 22:00:05 GMT"}) == when.timestamp()
     assert _mtime_of({"LastModified": when}) == when.timestamp()
     assert _mtime_of({"mtime": 12.5}) == 12.5

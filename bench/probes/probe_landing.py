@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/_common
-import _common as C  # noqa: E402
+import _common as C
 
 from coldbrew.agent.origin.s3data import BatchedWakeups
 
@@ -186,7 +186,7 @@ def worker(mode: str, out: str, scratch: str, size: int) -> None:
                 if start is None:
                     return
                 one_range(memoryview(bufs[i]), start, pipe)
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+        except BaseException as e:
             errors.append(repr(e))
 
     cpu0, t0 = _cpu_self(), time.perf_counter()

@@ -29,9 +29,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/_common
-import _common as C  # noqa: E402
-from coldbrew.fuse.mount import fuse_library, load_mfusepy  # noqa: E402
-from coldbrew.fuse.passthrough import FUSE_CAP_PASSTHROUGH, Passthrough, supported_by  # noqa: E402
+import _common as C
+
+from coldbrew.fuse.mount import fuse_library, load_mfusepy
+from coldbrew.fuse.passthrough import FUSE_CAP_PASSTHROUGH, Passthrough, supported_by
 
 
 def make_ops(mfusepy, backing: Path, passthrough: bool):

@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/_common
 
-import _common as C  # noqa: E402
-from coldbrew.agent.devtools.locals3 import LocalS3, free_port_pair  # noqa: E402
+import _common as C
+
+from coldbrew.agent.devtools.locals3 import LocalS3, free_port_pair
 
 BUCKET, KEY = "probe-peer", "model.bin"
 

@@ -12,8 +12,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -40,7 +41,7 @@ class AgentProcess:
                 "--cache-dir", str(self.cache_dir), "--socket", str(self.socket),
                 "--metrics-address", "127.0.0.1:0", "--log-format", "json", *self.extra_args]
 
-    def start(self, timeout_s: float = 30.0) -> "AgentProcess":
+    def start(self, timeout_s: float = 30.0) -> AgentProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **self.env})
@@ -98,14 +99,14 @@ class AgentProcess:
             return self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"agent ignored SIGTERM for {timeout_s} s:\n{self.log()}")
+            raise AssertionError(f"agent ignored SIGTERM for {timeout_s} s:\n{self.log()}") from None
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
 
-    def __enter__(self) -> "AgentProcess":
+    def __enter__(self) -> AgentProcess:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -33,8 +33,9 @@ import re
 import socket
 import struct
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional, Pattern, Union
+from re import Pattern
 
 __all__ = ["Fault", "FaultProxy", "Rule"]
 
@@ -74,34 +75,34 @@ class Fault:
     s3_code: str = ""
     message: str = ""
     seconds: float = 0.0
-    after_bytes: Optional[int] = None
+    after_bytes: int | None = None
     offset: int = 0
 
     @classmethod
-    def status(cls, code: int, s3_code: Optional[str] = None, message: Optional[str] = None) -> "Fault":
+    def status(cls, code: int, s3_code: str | None = None, message: str | None = None) -> Fault:
         """Answer ``code`` with an S3 XML error body, without contacting upstream."""
         default_code, default_msg = _S3_ERRORS.get(code, (_phrase(code).replace(" ", ""), _phrase(code)))
         return cls("status", code=code, s3_code=s3_code or default_code, message=message or default_msg)
 
     @classmethod
-    def delay(cls, seconds: float, after_bytes: Optional[int] = None) -> "Fault":
+    def delay(cls, seconds: float, after_bytes: int | None = None) -> Fault:
         """Wait ``seconds`` before forwarding the request; with ``after_bytes``,
         forward the response head and that many body bytes first, then stall
         mid-body (for read-timeout tests)."""
         return cls("delay", seconds=float(seconds), after_bytes=after_bytes)
 
     @classmethod
-    def truncate(cls, after_bytes: int) -> "Fault":
+    def truncate(cls, after_bytes: int) -> Fault:
         """Forward the response head unchanged, then close after ``after_bytes`` body bytes."""
         return cls("truncate", after_bytes=int(after_bytes))
 
     @classmethod
-    def corrupt(cls, offset: int = 0) -> "Fault":
+    def corrupt(cls, offset: int = 0) -> Fault:
         """Flip (XOR 0xFF) the response body byte at ``offset``; the length stays right."""
         return cls("corrupt", offset=int(offset))
 
     @classmethod
-    def reset(cls) -> "Fault":
+    def reset(cls) -> Fault:
         """Abort the client connection with a TCP RST, without answering."""
         return cls("reset")
 
@@ -114,8 +115,8 @@ class Rule:
     proxy's lock; reading them from another thread is fine.
     """
 
-    def __init__(self, fault: Fault, method: Optional[str], path: Union[str, Pattern, None],
-                 ranged_only: bool, count: Optional[int], probability: float, seed: Optional[int]):
+    def __init__(self, fault: Fault, method: str | None, path: str | Pattern | None,
+                 ranged_only: bool, count: int | None, probability: float, seed: int | None):
         if count is not None and count < 1:
             raise ValueError("count must be >= 1, or None for unlimited")
         if not 0.0 <= probability <= 1.0:
@@ -189,7 +190,7 @@ class _Head:
         return "close" not in conn
 
 
-async def _read_head(reader: asyncio.StreamReader) -> Optional[bytes]:
+async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
     """One header block, or None on a clean EOF between messages."""
     try:
         return await reader.readuntil(b"\r\n\r\n")
@@ -282,7 +283,7 @@ class _Effects:
 
     __slots__ = ("pos", "cut_at", "flip_at", "stall_at", "stall_s")
 
-    def __init__(self, fault: Optional[Fault]):
+    def __init__(self, fault: Fault | None):
         self.pos = 0
         self.cut_at = self.flip_at = self.stall_at = None
         self.stall_s = 0.0
@@ -301,8 +302,8 @@ class _Upstream:
 
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
-        self.reader: Optional[asyncio.StreamReader] = None
-        self.writer: Optional[asyncio.StreamWriter] = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
 
     async def ensure(self) -> bool:
         """Connect unless a live connection exists; True if it is a new one."""
@@ -347,20 +348,20 @@ class FaultProxy:
     :attr:`counts`, :meth:`reset_counts`, :attr:`bandwidth`.
     """
 
-    def __init__(self, upstream_host: str, upstream_port: int, *, bandwidth: Optional[float] = None):
+    def __init__(self, upstream_host: str, upstream_port: int, *, bandwidth: float | None = None):
         self.upstream_host = upstream_host
         self.upstream_port = int(upstream_port)
-        self.port: Optional[int] = None
+        self.port: int | None = None
         self._lock = threading.Lock()
         self._rules: list[Rule] = []
         self._counts = _zero_counts()
         self._bandwidth = bandwidth
         self._bw_next = 0.0  # token bucket as a virtual clock: when the link is next free
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
-        self._server: Optional[asyncio.base_events.Server] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._start_error: Optional[BaseException] = None
+        self._start_error: BaseException | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -368,7 +369,7 @@ class FaultProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         if self._thread is not None:
             raise RuntimeError("FaultProxy already started")
         ready = threading.Event()
@@ -392,7 +393,7 @@ class FaultProxy:
         thread.join(10)
         self._thread = None
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -426,9 +427,9 @@ class FaultProxy:
 
     # ------------------------------------------------------------------ control
 
-    def add_fault(self, fault: Fault, *, method: Optional[str] = None, path: Union[str, Pattern, None] = None,
-                  ranged_only: bool = False, count: Optional[int] = None,
-                  probability: float = 1.0, seed: Optional[int] = None) -> Rule:
+    def add_fault(self, fault: Fault, *, method: str | None = None, path: str | Pattern | None = None,
+                  ranged_only: bool = False, count: int | None = None,
+                  probability: float = 1.0, seed: int | None = None) -> Rule:
         """Apply ``fault`` to matching requests; rules are tried in the order added
         and the first that matches (and wins its probability roll) applies.
 
@@ -455,22 +456,22 @@ class FaultProxy:
             self._counts = _zero_counts()
 
     @property
-    def bandwidth(self) -> Optional[float]:
+    def bandwidth(self) -> float | None:
         return self._bandwidth
 
     @bandwidth.setter
-    def bandwidth(self, bytes_per_s: Optional[float]) -> None:
+    def bandwidth(self, bytes_per_s: float | None) -> None:
         if bytes_per_s is not None and bytes_per_s <= 0:
             raise ValueError("bandwidth must be > 0, or None for unlimited")
         self._bandwidth = bytes_per_s  # a plain store: atomic, read by the loop per piece
 
-    def set_bandwidth(self, bytes_per_s: Optional[float]) -> None:
+    def set_bandwidth(self, bytes_per_s: float | None) -> None:
         """Cap the total response-body throughput over all connections (None: unlimited)."""
         self.bandwidth = bytes_per_s
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def _select(self, req: _Head) -> tuple[Optional[Fault], int]:
+    def _select(self, req: _Head) -> tuple[Fault | None, int]:
         """Count the request and pick the fault for it; returns (fault, request number)."""
         method, target = req.start[0].upper(), req.start[1]
         ranged = "range" in req.headers
@@ -529,7 +530,7 @@ class FaultProxy:
             cwriter.close()
             self._tasks.discard(task)
 
-    async def _handle(self, req: _Head, fault: Optional[Fault], number: int,
+    async def _handle(self, req: _Head, fault: Fault | None, number: int,
                       creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter, up: _Upstream) -> bool:
         """Serve one request; True to keep the client connection."""
         action = fault.action if fault else None
@@ -597,7 +598,7 @@ class FaultProxy:
         except (TimeoutError, ConnectionError, OSError):
             pass
 
-    async def _forward(self, req: _Head, fault: Optional[Fault],
+    async def _forward(self, req: _Head, fault: Fault | None,
                        creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter, up: _Upstream) -> bool:
         version = req.start[2] if len(req.start) > 2 else "HTTP/1.1"
         resp = await self._exchange(req, creader, cwriter, up)
@@ -663,7 +664,7 @@ class FaultProxy:
                 return resp
             # Interim 1xx: the proxy already sent the client its own 100 Continue.
 
-    async def _forward_body(self, req: _Head, resp: _Head, code: int, fault: Optional[Fault],
+    async def _forward_body(self, req: _Head, resp: _Head, code: int, fault: Fault | None,
                             cwriter: asyncio.StreamWriter, up: _Upstream) -> bool:
         """Stream the response body; False if cut short or delimited by EOF."""
         if req.start[0].upper() == "HEAD" or code in (204, 304) or code < 200:
@@ -678,7 +679,7 @@ class FaultProxy:
         return False
 
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
-                    n: Optional[int], fx: _Effects) -> bool:
+                    n: int | None, fx: _Effects) -> bool:
         """Forward n response-body bytes (None: until EOF), applying fx.
         False when a truncate fault cut the body."""
         while n is None or n > 0:
