@@ -15,9 +15,10 @@ from __future__ import annotations
 import math
 import os
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .errors import ConfigError
 from .units import GiB, KiB, MiB, parse_size
@@ -304,7 +305,7 @@ class AgentConfig:
 
 
     @property
-    def origin_settings(self) -> "OriginSettings":
+    def origin_settings(self) -> OriginSettings:
         return OriginSettings(
             url=self.origin, endpoint_url=self.endpoint_url, region=self.region,
             anonymous=self.anonymous, fetch_concurrency=self.fetch_concurrency,
@@ -334,7 +335,7 @@ class OriginSettings:
 
     @classmethod
     def from_env(cls, url: str, env: Mapping[str, str] | None = None, **overrides: Any
-                 ) -> "OriginSettings":
+                 ) -> OriginSettings:
         """Settings for ``url`` with endpoint and region from COLDBREW_*/AWS_* variables."""
         env = os.environ if env is None else env
         found: dict[str, Any] = {}

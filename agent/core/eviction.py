@@ -8,8 +8,8 @@ asked for and decides what that means (usually: serve from origin, uncached).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ from disk (or, later, from a peer).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import xxhash
 
@@ -24,7 +25,7 @@ def digest(data: bytes | bytearray | memoryview) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def digester() -> "xxhash.xxh3_128":
+def digester() -> xxhash.xxh3_128:
     """The chunk digest computed piece by piece: ``update()`` each, then ``hexdigest()``."""
     return xxhash.xxh3_128()
 
@@ -128,7 +129,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Manifest":
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
         if data.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"unsupported manifest format {data.get('format')!r}")
         identity = FileIdentity(str(data["uri"]), str(data["etag"]), int(data["size"]))

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ..control.client import AgentClient
-from ..units import format_size, parse_size
 from ..errors import AgentUnavailable, ColdbrewError
+from ..units import format_size, parse_size
 from .locals3 import LocalS3, free_port_pair, free_ports
 
 BUCKET = "models"
@@ -98,7 +98,7 @@ class _Step:
     def __init__(self, label: str, nbytes: int | None = None) -> None:
         self.label, self.nbytes = label, nbytes
 
-    def __enter__(self) -> "_Step":
+    def __enter__(self) -> _Step:
         print(f"  {self.label:<52}", end="", flush=True)
         self.started = time.perf_counter()
         return self

@@ -94,7 +94,7 @@ class LocalS3:
                 "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": self.region,
                 "AWS_EC2_METADATA_DISABLED": "true"}
 
-    def start(self, timeout_s: float = 60.0) -> "LocalS3":
+    def start(self, timeout_s: float = 60.0) -> LocalS3:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
         cmd = [find_weed(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -147,7 +147,7 @@ class LocalS3:
                             config=Config(retries={"max_attempts": 10, "mode": "standard"},
                                           max_pool_connections=32))
 
-    def __enter__(self) -> "LocalS3":
+    def __enter__(self) -> LocalS3:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -21,13 +21,15 @@ import email.utils
 import functools
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import fsspec
 
 from ..config import OriginSettings
+from ..core.manifest import SIDECAR_DIR, FileIdentity, is_sidecar
 from ..errors import (
     AccessDenied,
     BucketNotFound,
@@ -38,7 +40,6 @@ from ..errors import (
     TransientOriginError,
     UsageError,
 )
-from ..core.manifest import SIDECAR_DIR, FileIdentity, is_sidecar
 from ..metrics import AgentMetrics
 from .retry import RetryPolicy, with_retries
 
@@ -89,7 +90,6 @@ def _is_short_body(exc: BaseException) -> bool:
     import http.client
 
     import botocore.exceptions as bex
-
     import urllib3.exceptions as u3
 
     short = (*_aiohttp_errors("ClientPayloadError"), bex.IncompleteReadError,
@@ -106,7 +106,6 @@ def _is_network_error(exc: BaseException) -> bool:
     import http.client
 
     import botocore.exceptions as bex
-
     import urllib3.exceptions as u3
 
     network = (ConnectionError, TimeoutError, asyncio.TimeoutError, *_aiohttp_errors("ClientError"),
@@ -153,7 +152,7 @@ def translate(exc: BaseException, uri: str, endpoint: str | None = None) -> Cold
     return OriginError(f"{uri}: {type(exc).__name__}: {exc}")
 
 
-async def finish_in_thread(future: "asyncio.Future[Any]") -> Any:
+async def finish_in_thread(future: asyncio.Future[Any]) -> Any:
     """Await a worker thread's result; if cancelled, still wait for the thread to stop.
 
     The thread writes into (or reads from) a buffer that goes back to the pool
@@ -256,7 +255,7 @@ class Origin:
             self._data_pool.shutdown(wait=False, cancel_futures=True)
             self._data.close()
         if self.is_s3 and getattr(self._fs, "_s3", None) is not None:
-            await self._fs._s3.close()  # type: ignore[union-attr]  # noqa: SLF001 - no public close
+            await self._fs._s3.close()  # type: ignore[union-attr]
 
     # --- naming ---------------------------------------------------------------
 
@@ -365,7 +364,7 @@ class Origin:
         # ask about the bucket so the message says which.
         try:
             await self.fs._call_s3("head_bucket", Bucket=_bucket_of(uri))
-        except Exception as e:  # noqa: BLE001 - classified just below
+        except Exception as e:
             code, status = _s3_error(e)
             if status == 404 or code in ("NoSuchBucket", "404") or isinstance(e, FileNotFoundError):
                 raise BucketNotFound(
@@ -467,7 +466,7 @@ class Origin:
         async def attempt() -> Any:
             try:
                 result = await fn(*args)
-            except BaseException as e:  # noqa: BLE001 - translate() decides what it means
+            except BaseException as e:
                 if isinstance(e, asyncio.CancelledError):
                     raise
                 err = translate(e, uri, self.endpoint)
