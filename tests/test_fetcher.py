@@ -255,6 +255,22 @@ def test_a_full_cache_hands_the_bytes_over_from_memory(origin, make_store, metri
     assert not store.has(store.entry(ObjectInfo(URI, len(DATA), '"e1"').identity), 2)
 
 
+def test_read_ahead_into_a_full_cache_stops_and_hands_over_what_it_fetched(origin, make_store, metrics):
+    """Read-ahead the cache cannot keep would fetch every chunk twice (once for nothing, once
+    for the reader): it stops after the first round, and gives those chunks' bytes to ``keep``."""
+    store = make_store(Limits(size_bytes=CHUNK // 2, reserve_bytes=0))
+    kept: dict[int, bytes] = {}
+
+    async def main() -> None:
+        fetcher, f = fetcher_for(origin, store, metrics, concurrency=1)
+        fetcher.prefetch(f, 0, keep=kept.__setitem__)
+        await until(lambda: not fetcher._prefetch)
+
+    run(main())
+    assert origin.reads == [0], "read-ahead went on into a cache that keeps nothing"
+    assert kept == {0: chunk(0)}
+
+
 # --- cancellation and failures ------------------------------------------------------------
 
 

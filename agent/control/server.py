@@ -257,11 +257,10 @@ class ControlAPI:
             raise UsageError(f"range {offset}+{length} is outside {f.info.uri} ({size} bytes)")
         indexes = list(f.entry.layout.chunks_for(offset, length))
         if body.prefetch:
-            self.fetcher.prefetch(f, indexes[-1] + 1 if indexes else 0)
+            self.fetcher.prefetch(f, indexes[-1] + 1 if indexes else 0, keep=lease.keep_uncached)
         present = {i for i in indexes if self.fetcher.store.has(f.entry, i)}
         try:
-            results = await asyncio.gather(*(self.fetcher.ensure(f, i, Priority.READ)
-                                             for i in indexes))
+            results = await asyncio.gather(*(self._ensure_chunk(lease, i) for i in indexes))
         except BaseException:
             if not body.lease:
                 self.leases.release(lease.id)
@@ -281,6 +280,12 @@ class ControlAPI:
         return _reply(p.EnsureReply(uri=f.info.uri, etag=f.info.etag, size=size,
                                     chunk_size=f.entry.chunk_size, lease=lease.id,
                                     cached_bytes=f.entry.cached_bytes, chunks=tuple(chunks)))
+
+    async def _ensure_chunk(self, lease: Lease, index: int) -> bytes | None:
+        """Chunk ``index`` present (None), or its bytes: kept by the lease (its read-ahead
+        fetched them but the cache could not keep them), or fetched now and not cached."""
+        kept = lease.uncached.get(index)
+        return kept if kept is not None else await self.fetcher.ensure(lease.file, index, Priority.READ)
 
     async def release(self, request: web.Request) -> web.Response:
         self.leases.release(request.match_info["id"])

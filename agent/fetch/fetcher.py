@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from ..cache.store import ChunkStore
 from ..errors import CacheError, ColdbrewError, CorruptData, ObjectChanged
@@ -176,40 +177,54 @@ class Fetcher:
 
     # --- read-ahead -----------------------------------------------------------------------
 
-    def prefetch(self, f: OpenFile, from_index: int = 0,
-                 priority: Priority = Priority.PREFETCH) -> None:
-        """Fetch the rest of the file in order, ahead of the reader, in the background."""
+    def prefetch(self, f: OpenFile, from_index: int = 0, priority: Priority = Priority.PREFETCH,
+                 keep: Callable[[int, bytes], None] | None = None) -> None:
+        """Fetch the rest of the file in order, ahead of the reader, in the background.
+
+        A chunk the cache cannot keep (disk full or failing) ends the read-ahead: fetching
+        further would only fetch each chunk twice, once for nothing and once for the reader.
+        ``keep`` is handed such chunks' bytes (the reader's lease holds a few for its read).
+        """
         task = self._prefetch.get(f.entry.key)
         if task is not None and not task.done():
             return
-        self._prefetch[f.entry.key] = asyncio.create_task(self._prefetch_run(f, from_index, priority))
+        self._prefetch[f.entry.key] = asyncio.create_task(
+            self._prefetch_run(f, from_index, priority, keep))
 
-    async def _prefetch_run(self, f: OpenFile, from_index: int, priority: Priority) -> None:
+    async def _prefetch_run(self, f: OpenFile, from_index: int, priority: Priority,
+                            keep: Callable[[int, bytes], None] | None) -> None:
         missing = [i for i in range(from_index, f.entry.layout.count)
                    if not self.store.has(f.entry, i)]
         self.store.pin(f.entry)
         try:
-            await self.ensure_all(f, missing, priority)
+            await self.ensure_all(f, missing, priority, uncached=keep, stop_when_uncached=True)
         except Exception as e:  # a reader will hit and report the same error
             log.info("prefetch stopped", extra={"uri": f.info.uri, "error": str(e)})
         finally:
             self.store.unpin(f.entry)
             self._prefetch.pop(f.entry.key, None)
 
-    async def ensure_all(self, f: OpenFile, indexes: list[int], priority: Priority) -> int:
+    async def ensure_all(self, f: OpenFile, indexes: list[int], priority: Priority, *,
+                         uncached: Callable[[int, bytes], None] | None = None,
+                         stop_when_uncached: bool = False) -> int:
         """Ensure every chunk in ``indexes`` with enough in flight to fill every slot.
 
-        Returns how many came back uncached (cache full or failing).
+        Returns how many came back uncached (cache full or failing); ``uncached`` is handed
+        each one's bytes, and with ``stop_when_uncached`` no new chunk starts after one.
         """
         pending = iter(indexes)
-        uncached = 0
+        count = 0
 
         async def worker() -> None:
-            nonlocal uncached
+            nonlocal count
             for index in pending:
                 data = await self.ensure(f, index, priority)
                 if data is not None:
-                    uncached += 1
+                    count += 1
+                    if uncached is not None:
+                        uncached(index, data)
+                if count and stop_when_uncached:
+                    return  # the others stop too: each checks after its chunk
 
         # Not wider with peers: many piece requests at once made libtorrent stall some of
         # them (bench/RESULTS.md, P2P rollout).
@@ -219,7 +234,7 @@ class Fetcher:
         finally:
             for w in workers:
                 w.cancel()
-        return uncached
+        return count
 
     async def close(self) -> None:
         for task in list(self._prefetch.values()):
