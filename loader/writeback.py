@@ -55,10 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import xxhash
-
 from coldbrew.agent.cache.blocks import allocate
-from coldbrew.agent.core.manifest import FileIdentity
+from coldbrew.agent.core.manifest import FileIdentity, digest, digester
 
 log = logging.getLogger("coldbrew.loader")
 
@@ -103,7 +101,8 @@ def writer_executor() -> Any:
 
 
 def _uri_key(uri: str) -> str:
-    return xxhash.xxh3_128_hexdigest(uri.encode())
+    # A file name for the URI; the manifest's digest is as good a name as any and keeps the hash named once.
+    return digest(uri.encode())
 
 
 @dataclass(frozen=True)
@@ -297,7 +296,7 @@ class Writeback:
         for index in range(len(self.digests)):
             begin, end = self._block_range(index)
             if end <= header_end:
-                self.digests[index] = xxhash.xxh3_128_hexdigest(self.header[begin:end])
+                self.digests[index] = digest(self.header[begin:end])
         self._writer = asyncio.create_task(self._run())
         return True
 
@@ -312,7 +311,7 @@ class Writeback:
         other byte of the block, in order.
         """
         block_begin, block_end = self._block_range(index)
-        h = xxhash.xxh3_128()
+        h = digester()
         header_end = len(self.header)
         if block_begin < header_end:
             h.update(self.header[block_begin:min(block_end, header_end)])
@@ -425,7 +424,7 @@ class Writeback:
         data_path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "uri": self.identity.uri, "etag": self.identity.etag,
                 "size": self.identity.size, "block_bytes": self.block_bytes,
-                "header_digest": xxhash.xxh3_128_hexdigest(self.header),
+                "header_digest": digest(self.header),
                 "digests": self.digests}
         meta_tmp = self._tmp.with_suffix(".json.part")
         meta_tmp.write_text(json.dumps(meta))

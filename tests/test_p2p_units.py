@@ -20,7 +20,9 @@ from coldbrew.agent.cache.store import ChunkStore, Limits
 from coldbrew.agent.core.manifest import FileIdentity, Manifest, digest, is_sidecar, sidecar_uri
 from coldbrew.agent.errors import CorruptData
 from coldbrew.agent.metrics import AgentMetrics
-from coldbrew.agent.p2p.swarm import P2PSettings, Swarm, Torrent
+from coldbrew.agent.p2p.membership import ACTIVE_S, JOIN_S, LOST_S, SETTLE_S, PeerView, availability_from
+from coldbrew.agent.p2p.session import P2PSettings
+from coldbrew.agent.p2p.swarm import Swarm, Torrent
 from coldbrew.agent.p2p.torrent import bencode, info_hash, stripe_owner, torrent_bytes
 
 CHUNK = 64 << 10
@@ -182,7 +184,7 @@ def test_pieces_are_adopted_only_once_libtorrent_has_flushed_them(tmp_path: Path
     swarm = Swarm(P2PSettings("127.0.0.1", 0, 0, 5.0), "cb-unit-test", store, AgentMetrics(), loop)
     try:
         handle = _FlushCountingHandle()
-        t = Torrent(entry, m, handle, time.monotonic())
+        t = Torrent(entry, m, handle, PeerView(swarm.pid, entry.key, time.monotonic()))
         swarm._on_piece_finished(t, 1)  # its file is not written yet
         assert handle.flushes == 1 and not store.has(entry, 1)
         put_at(entry, 1, data[CHUNK:2 * CHUNK])  # libtorrent writes it
@@ -209,13 +211,51 @@ def test_pieces_are_adopted_only_once_libtorrent_has_flushed_them(tmp_path: Path
 def test_availability_comes_from_peer_bitfields_when_libtorrent_keeps_none() -> None:
     """libtorrent has no per-piece counts until it needs a piece picker; with only a seed
     connected, every piece must still count as available (else it goes to the origin)."""
-    from types import SimpleNamespace
+    seed = (4, [True] * 4)
+    partial = (2, [True, False, True, False])
+    empty = (0, [])
+    assert availability_from([seed], 4) == [1, 1, 1, 1]
+    assert availability_from([seed, partial, empty], 4) == [2, 1, 2, 1]
+    assert availability_from([], 4) == [0, 0, 0, 0]
 
-    from coldbrew.agent.p2p.swarm import _availability_from
 
-    seed = SimpleNamespace(num_pieces=4, pieces=[True] * 4)
-    partial = SimpleNamespace(num_pieces=2, pieces=[True, False, True, False])
-    empty = SimpleNamespace(num_pieces=0, pieces=[])
-    assert _availability_from([seed], 4) == [1, 1, 1, 1]
-    assert _availability_from([seed, partial, empty], 4) == [2, 1, 2, 1]
-    assert _availability_from([], 4) == [0, 0, 0, 0]
+ME, PEER = b"A" * 20, b"B" * 20
+
+
+def _owned_by(view: PeerView, who: bytes, chunks: int = 64) -> list[int]:
+    return [i for i in range(chunks) if stripe_owner(i, view.key, view.members) == who]
+
+
+def test_striping_waits_for_an_expected_peer_then_splits_the_file() -> None:
+    view = PeerView(ME, "5e" * 16, attached_at=0.0, expected={PEER})
+    view.observe([(PEER, 0)], [0] * 64, now=0.1)  # connected, bitfield not trusted yet
+    assert not any(view.should_fetch(i, [PEER], now=0.1) for i in range(64))
+    view.observe([(PEER, 0)], [0] * 64, now=0.1 + SETTLE_S + 0.01)
+    assert view.members == (ME, PEER)
+    # past FIRST_S the stripes decide: this agent fetches its own and leaves the peer's
+    view.observe([(PEER, 0)], [0] * 64, now=1.01)
+    mine = [i for i in range(64) if view.should_fetch(i, [PEER], now=1.01)]
+    assert mine == _owned_by(view, ME) and 0 < len(mine) < 64
+
+
+def test_a_stale_view_or_a_lost_peer_defers_the_decision() -> None:
+    view = PeerView(ME, "c0" * 16, attached_at=0.0)
+    assert view.should_fetch(0, [], now=100.0), "alone: every chunk is this agent's"
+    view.observe([(PEER, 0)], [0] * 8, now=10.0)
+    assert not view.should_fetch(0, [PEER], now=10.0 + 1.0), "a view two ticks old is stale"
+    view.observe([], [0] * 8, now=11.0)  # the peer's connection dropped
+    assert PEER in view.lost
+    assert not any(view.should_fetch(i, [PEER], now=11.0) for i in range(8))
+    view.observe([], [0] * 8, now=11.0 + LOST_S)
+    assert all(view.should_fetch(i, [PEER], now=11.0 + LOST_S) for i in range(8))
+
+
+def test_a_peer_that_stops_making_progress_loses_its_stripes() -> None:
+    view = PeerView(ME, "c0" * 16, attached_at=0.0)
+    view.observe([(PEER, 1)], [1] + [0] * 7, now=JOIN_S)
+    view.observe([(PEER, 1)], [1] + [0] * 7, now=JOIN_S + SETTLE_S + 0.01)
+    assert view.members == (ME, PEER)
+    view.observe([(PEER, 1)], [1] + [0] * 7, now=JOIN_S + ACTIVE_S + 0.01)
+    assert view.members == (ME,)
+    assert not view.still_mine(0), "a chunk a peer holds is fetched from it, not the origin"
+    assert all(view.still_mine(i) for i in range(1, 8))

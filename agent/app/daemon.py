@@ -166,8 +166,9 @@ class Agent:
         Returns the fetcher's peer source."""
         from ..p2p.discovery import PeerDirectory
         from ..p2p.peer_source import PeerSource
+        from ..p2p.session import P2PSettings
         from ..p2p.sharing import Sharing
-        from ..p2p.swarm import P2PSettings, Swarm
+        from ..p2p.swarm import Swarm
 
         cfg = self.config
         assert self.store is not None and self.origin is not None

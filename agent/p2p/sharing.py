@@ -128,7 +128,7 @@ class Sharing:
             self._missed[entry.key] = time.monotonic()
             return None
         self._missed.pop(entry.key, None)  # shared now, however it got here (a build, a lookup)
-        if t.expected is None:
+        if t.view.expected is None:
             self._background.add(asyncio.create_task(self._expect_peers(t)))
             self._background = {task for task in self._background if not task.done()}
         return t

@@ -17,9 +17,8 @@ How a chunk moves (docs/architecture.md, Peers (P2P)):
   cache and may say so before the bytes reach the file, so adoption waits for a
   flush of the torrent's cache (``flush_cache`` → ``cache_flushed_alert``).
 * When several agents want a chunk nobody has, only its stripe owner fetches it from
-  the origin; the others wait for it to appear in the swarm (:func:`stripe_owner`).
-  Members are this agent plus connected peers that are still making progress, so an
-  idle or dead peer never holds a stripe hostage for long.
+  the origin (:mod:`.membership`, the policy as pure code); the others wait for it.
+* The session's settings live in :mod:`.session`.
 
 libtorrent runs its own threads; this module adds one more that waits for alerts
 and, every tick, snapshots piece availability and members for the asyncio side.
@@ -39,27 +38,12 @@ from ..core.manifest import Manifest
 from ..errors import CacheError, CorruptData, ObjectChanged
 from ..fetch.sources import Outcome
 from ..metrics import AgentMetrics
-from .torrent import stripe_owner, torrent_bytes
+from .membership import TICK_S, PeerView, availability_from
+from .session import P2PSettings, make_session, wait_listening
+from .torrent import torrent_bytes
 
 log = logging.getLogger("coldbrew.peers")
 
-TICK_S = 0.1
-#: A peer whose piece count has not moved for this long no longer owns stripes. Long
-#: enough for a peer's first origin chunks to land on a throttled origin.
-ACTIVE_S = 10.0
-#: After a torrent is attached, the longest it waits for the peers that already share
-#: the file to connect before striping without them. Handshakes take ~1 s when an
-#: upload cap is set (libtorrent meters them through the rate limiter), more on a busy node.
-JOIN_S = 5.0
-#: After attaching a file, an agent waits this long for agents that start loading it at the
-#: same moment (a rollout) before striping without them — for files big enough to matter;
-#: a small file is cheaper to fetch twice than to wait for.
-FIRST_S = 1.0
-FIRST_MIN_CHUNKS = 4
-#: How long a peer whose connection dropped is waited for (it is reconnected meanwhile).
-LOST_S = 1.5
-#: How long a peer is connected before its piece count is trusted (its bitfield arrived).
-SETTLE_S = 0.3
 #: How often a torrent that someone waits on retries connecting to missing peers.
 RECONNECT_S = 0.5
 #: Most chunks asked of peers at once (per agent).
@@ -70,30 +54,14 @@ UNAVAILABLE_TIMEOUTS = 6
 PUT_TIMEOUT_S = 60.0
 
 
-@dataclass(frozen=True)
-class P2PSettings:
-    address: str
-    bt_port: int
-    upload_limit: int  # bytes/s, 0 = no cap
-    chunk_timeout_s: float
-
-
 @dataclass
 class Torrent:
     entry: Entry
     manifest: Manifest
     handle: Any  # lt.torrent_handle
-    attached_at: float
-    availability: list[int] = field(default_factory=list)
-    snapshot_at: float = 0.0  # when availability and members were last refreshed
+    view: PeerView  # its peers, refreshed each tick by the alert thread
     reconnected_at: float = 0.0
-    expected: set[bytes] | None = None  # peer ids known to share the file too (None: not asked yet)
-    members: tuple[bytes, ...] = ()
     connected: int = 0
-    #: peer id → (pieces it has, when that last changed, when first seen)
-    progress: dict[bytes, tuple[int, float, float]] = field(default_factory=dict)
-    settled: set[bytes] = field(default_factory=set)  # peers connected long enough to judge
-    lost: dict[bytes, float] = field(default_factory=dict)  # peer id → when its connection went
     waiters: dict[int, asyncio.Future[str]] = field(default_factory=dict)
     from_origin: set[int] = field(default_factory=set)
     #: Pieces finished but maybe still in libtorrent's write cache: those the flush asked
@@ -128,65 +96,12 @@ class Swarm:
         self._last_stats = 0.0
         self._sent = 0
         self._asked = 0  # pieces requested from peers now, over all torrents (event loop only)
-        self.session = self._make_session()
+        self.session = make_session(lt, settings, self.pid)
 
-    # --- session ------------------------------------------------------------------
-
-    def _make_session(self) -> Any:
-        lt = self.lt
-        s = self.settings
-        pack = {
-            "listen_interfaces": f"{s.address}:{s.bt_port}",
-            "enable_dht": False, "enable_lsd": False, "enable_upnp": False, "enable_natpmp": False,
-            # TCP only: one port to open in a firewall or NetworkPolicy.
-            "enable_incoming_utp": False, "enable_outgoing_utp": False,
-            "allow_multiple_connections_per_ip": True,  # several agents per host in tests
-            # Plaintext: peers are the cluster's own nodes, and RC4 would only cost CPU and
-            # handshake round trips.
-            "out_enc_policy": int(lt.enc_policy.pe_disabled),
-            "in_enc_policy": int(lt.enc_policy.pe_disabled),
-            "tick_interval": 100,  # ms; the rate limiter and handshakes react faster
-            # Fewer, larger socket writes per 16 MiB piece (LAN and loopback peers are fast).
-            "send_buffer_watermark": 8 << 20, "send_buffer_low_watermark": 1 << 20,
-            # Fixed 4 MiB kernel socket buffers instead of autotuning: in 4 paired runs of the
-            # P2P bench, 9 % less time and 12 % less agent CPU (bench/RESULTS.md). The kernel
-            # caps them at net.core.[rw]mem_max, still above a datacenter link's BDP.
-            "send_socket_buffer_size": 4 << 20, "recv_socket_buffer_size": 4 << 20,
-            "close_redundant_connections": False,  # a finished peer must stay connected to serve
-            "peer_fingerprint": self.pid.decode("ascii", "replace"),
-            "upload_rate_limit": s.upload_limit,
-            "alert_mask": int(lt.alert_category.error | lt.alert_category.status
-                              | lt.alert_category.peer | lt.alert_category.piece_progress
-                              | lt.alert_category.storage),
-            "alert_queue_size": 100_000,
-            "user_agent": "coldbrew",
-        }
-        params = lt.session_params(pack)
-        # pread/pwrite with a pool of open files. The posix backend opens, stats, seeks and
-        # closes the file for every 16 KiB block: ~25 % more agent CPU and ~20 % more time in
-        # the P2P bench (bench/RESULTS.md). This one hashes a piece from its write cache, so a
-        # piece can finish before its bytes are in the file: see _on_piece_finished.
-        params.disk_io_constructor = "pread_disk_io_constructor"
-        session = lt.session(params)
-        # Peers on the LAN or loopback land in libtorrent's "local" class, which has no
-        # rate limit; put every address in the global class so the upload cap holds.
-        f = lt.ip_filter()
-        f.add_rule("0.0.0.0", "255.255.255.255", 1 << session.global_peer_class_id)
-        f.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 1 << session.global_peer_class_id)
-        session.set_peer_class_filter(f)
-        return session
+    # --- session ---------------------------------------------------------------------
 
     def start(self) -> None:
-        deadline = time.monotonic() + 10
-        while self.session.listen_port() == 0 and time.monotonic() < deadline:
-            for a in self.session.pop_alerts():
-                if isinstance(a, self.lt.listen_failed_alert):
-                    raise CacheError(f"P2P: cannot listen on {self.settings.address}:"
-                                     f"{self.settings.bt_port}: {a.message()}")
-            self.session.wait_for_alert(100)
-        if self.session.listen_port() == 0:
-            raise CacheError(f"P2P: libtorrent did not start listening on "
-                             f"{self.settings.address}:{self.settings.bt_port}")
+        wait_listening(self.lt, self.session, self.settings)
         self._thread = threading.Thread(target=self._alert_loop, name="p2p-alerts", daemon=True)
         self._thread.start()
         log.info("p2p session listening", extra={"port": self.session.listen_port()})
@@ -249,7 +164,8 @@ class Swarm:
             atp.have_pieces = [i in present for i in range(n)]  # trust the journal: no recheck
             atp.piece_priorities = [0] * n  # nothing is fetched unless the fetcher asks
             handle = self.session.add_torrent(atp)
-            t = Torrent(entry, manifest, handle, time.monotonic(), availability=[0] * n)
+            view = PeerView(self.pid, entry.key, time.monotonic(), availability=[0] * n)
+            t = Torrent(entry, manifest, handle, view)
             self._torrents[entry.key] = t
             self._by_hash[str(info.info_hashes().v1)] = entry.key
         self._connect(t)
@@ -260,7 +176,7 @@ class Swarm:
 
     def expect(self, t: Torrent, agent_ids: set[str]) -> None:
         """These agents share ``t``'s file too: wait for them to connect before striping."""
-        t.expected = (t.expected or set()) | {_pid(a) for a in agent_ids}
+        t.view.expected = (t.view.expected or set()) | {_pid(a) for a in agent_ids}
 
     def detach(self, key: str) -> None:
         """Stop sharing an entry (before its files go). Waiters fall back to the origin."""
@@ -297,7 +213,7 @@ class Swarm:
                 if self.store.has(t.entry, index):
                     return Outcome.PRESENT  # it finished between two looks (or another path brought it)
                 now = time.monotonic()
-                available = index < len(t.availability) and t.availability[index] > 0
+                available = t.view.available(index)
                 if available and requested_at is None and self._asked < PEER_WINDOW:
                     # A few pieces at a time, each at full speed, rather than many that all
                     # crawl (and would all miss their timeout on a busy node).
@@ -310,9 +226,10 @@ class Swarm:
                     self._cancel(t, index)
                     requested_at = None
                     self._asked -= 1
-                if requested_at is None and not available and self._mine(t, index):
+                if requested_at is None and not available \
+                        and t.view.should_fetch(index, self._endpoints.keys(), now):
                     log.debug("fetching our stripe from the origin", extra={
-                        "uri": t.entry.identity.uri, "chunk": index, "members": len(t.members)})
+                        "uri": t.entry.identity.uri, "chunk": index, "members": len(t.view.members)})
                     return Outcome.PASS
                 slow = requested_at is not None and now - requested_at > self.settings.chunk_timeout_s
                 if slow or now >= give_up_at:
@@ -338,34 +255,10 @@ class Swarm:
                 if not (fut.done() and fut.result() == "ok"):
                     self._cancel(t, index)
 
-    def _mine(self, t: Torrent, index: int) -> bool:
-        """Should this agent fetch chunk ``index`` from the origin itself?"""
-        if not self._endpoints:
-            return True  # no other agent to get it from
-        now = time.monotonic()
-        if now - t.snapshot_at > TICK_S * 2:
-            return False  # a stale view: look again first
-        age = now - t.attached_at
-        waiting_for = t.expected if t.expected is not None else self._endpoints.keys()
-        if age < JOIN_S and not waiting_for <= t.settled:
-            return False  # peers are still connecting: one of them may own this chunk
-        if any(now - when < LOST_S for pid, when in t.lost.items() if pid not in t.progress):
-            return False  # a peer that may hold it just dropped off: it is being reconnected
-        if age < FIRST_S and len(t.availability) >= FIRST_MIN_CHUNKS \
-                and not self._endpoints.keys() <= t.settled:
-            return False  # agents starting this file at the same moment get a moment to join
-        return self._owns(t, index)
-
     def still_mine(self, t: Torrent, index: int) -> bool:
         """Re-check, once an origin slot is free, a decision made while waiting for it:
         peers that joined since may own the chunk now, or already have it."""
-        if index < len(t.availability) and t.availability[index] > 0:
-            return False
-        return self._owns(t, index)
-
-    def _owns(self, t: Torrent, index: int) -> bool:
-        """Is this agent chunk ``index``'s stripe owner among the members seen now?"""
-        return stripe_owner(index, t.key, t.members or (self.pid,)) == self.pid
+        return t.view.still_mine(index)
 
     def _cancel(self, t: Torrent, index: int) -> None:
         _call(t.handle.reset_piece_deadline, index)
@@ -514,7 +407,7 @@ class Swarm:
         with self._lock:
             torrents = list(self._torrents.values())
         for t in torrents:
-            if not t.waiters and now - t.snapshot_at < 1.0:
+            if not t.waiters and now - t.view.snapshot_at < 1.0:
                 connected += t.connected
                 continue  # nobody waits on it: a slower refresh is enough
             try:
@@ -525,37 +418,16 @@ class Swarm:
             connected += len(peers)
             total = t.entry.layout.count
             if len(availability) != total:
-                availability = _availability_from(peers, total)
-            seen: dict[bytes, tuple[int, float, float]] = {}
-            for p in peers:
-                pid = p.pid.to_bytes()
-                if pid == _NO_PID:
-                    continue  # still connecting: no handshake yet
-                count = int(p.num_pieces)
-                before = t.progress.get(pid)
-                if before is None:
-                    seen[pid] = (count, now, now)
-                else:
-                    seen[pid] = (count, now if before[0] != count else before[1], before[2])
-            for pid in t.progress.keys() - seen.keys():
-                t.lost[pid] = now  # a dropped connection is retried below; give it a moment
-            t.lost = {pid: when for pid, when in t.lost.items() if now - when < LOST_S}
-            t.progress = seen
-            # A peer's bitfield follows its handshake: until it has had a moment to arrive,
-            # a seed looks like an empty peer that would own stripes.
-            settled = {pid for pid, (_, _, first) in seen.items() if now - first >= SETTLE_S}
-            t.settled = settled
-            active = [pid for pid, (count, when, _) in seen.items()
-                      if pid in settled and count < total and now - when < ACTIVE_S]
-            t.members = tuple(sorted({self.pid, *active}))
-            t.availability = availability
+                availability = availability_from(((int(p.num_pieces), p.pieces) for p in peers), total)
+            # Peers still connecting have no handshake yet, so no peer id.
+            seen = [(pid, int(p.num_pieces)) for p in peers if (pid := p.pid.to_bytes()) != _NO_PID]
+            t.view.observe(seen, availability, now)
             t.connected = len(peers)
-            t.snapshot_at = now
             if t.waiters and now - t.reconnected_at > RECONNECT_S:
                 # libtorrent waits long before retrying a failed peer (min_reconnect_time);
                 # a peer that attached this file after we first tried it must not wait that long.
                 t.reconnected_at = now
-                self._connect(t, skip=set(seen))
+                self._connect(t, skip=set(t.view.progress))
             self.loop.call_soon_threadsafe(t.tick.set)
         self.metrics.p2p_connections.set(connected)
         if now - self._last_stats > 1.0:
@@ -575,25 +447,6 @@ class Swarm:
 
 
 _NO_PID = bytes(20)
-
-
-def _availability_from(peers: list[Any], total: int) -> list[int]:
-    """How many connected peers have each piece, from their own bitfields.
-
-    libtorrent's ``piece_availability`` is empty while the torrent has no piece picker,
-    which it creates only when it needs one: for a torrent that wants nothing yet and
-    whose only peers are seeds, it has none. Without this, every chunk would look
-    unavailable and be fetched from the origin although a seed is connected.
-    """
-    counts = [0] * total
-    for p in peers:
-        if int(p.num_pieces) >= total:
-            counts = [c + 1 for c in counts]
-            continue
-        for i, has in enumerate(p.pieces[:total]):
-            if has:
-                counts[i] += 1
-    return counts
 
 
 def _pid(agent_id: str) -> bytes:
