@@ -148,6 +148,12 @@ def parse_origin(text: str) -> str:
     return text
 
 
+def parse_roots(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``'s3://a/models/,s3://b'`` → ('s3://a/models/', 's3://b'); each a URL as for ``origin``."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    return tuple(parse_origin(i) for i in (str(i).strip() for i in items) if i)
+
+
 def _optional_str(text: Any) -> str | None:
     return str(text) if text not in (None, "") else None
 
@@ -202,6 +208,16 @@ SETTINGS: tuple[Setting, ...] = (
             "permissions of the control socket, octal (0666: any process that sees it)"),
     Setting("socket_group", parse_group, None,
             "group owning the control socket (name or gid), so non-root runners in it can connect"),
+    Setting("admin_socket", Path, Path("/run/coldbrew/admin.sock"),
+            "control socket for destructive calls (evict); owner-only unless admin_group is set"),
+    Setting("admin_group", parse_group, None,
+            "group that may use the admin socket (name or gid); unset: only the agent's user"),
+    Setting("allowed_roots", parse_roots, (),
+            "URL prefixes the control API serves besides the origin, comma-separated "
+            "(e.g. s3://other-models/); every other URI is refused"),
+    Setting("memory_budget", parse_size, 2 * GiB,
+            "most memory the agent's chunks in flight may take: fetch_concurrency x chunk_size "
+            "must fit in it"),
     Setting("metrics_address", parse_address, ("0.0.0.0", 9400),
             "host:port for /metrics, /healthz, /readyz (port 0 picks a free one)"),
     Setting("fetch_concurrency", _positive(int), 8, "parallel ranged GETs to the origin"),
@@ -249,6 +265,17 @@ SETTINGS: tuple[Setting, ...] = (
             "(0: no cap; a cap also slows the start of each transfer to a peer)"),
     Setting("p2p_chunk_timeout_s", _positive(float), 10.0,
             "longest a chunk may take to arrive from peers before it is fetched from the origin"),
+    Setting("p2p_tls_dir", _optional_path, None,
+            "the cluster identity for P2P (mTLS): a directory with ca.crt, tls.crt and tls.key, "
+            "as cert-manager writes a Secret; peers must present a certificate signed by ca.crt"),
+    Setting("p2p_insecure", parse_bool, False,
+            "allow P2P without TLS on a non-loopback address (anyone who reaches the ports can "
+            "read and offer chunks); warned at start and in coldbrew_p2p_insecure"),
+    Setting("p2p_manifests", lambda s: _choice(str(s).strip().lower(), ("checked", "published")),
+            "checked",
+            "which file manifests are trusted: 'checked' (published in the bucket, built here, or "
+            "from a member and checked against the origin's checksum) or 'published' (no peer-built "
+            "manifest at all)"),
     Setting("log_format", lambda s: _choice(s, ("json", "text")), "json", "json or text"),
     Setting("log_level", lambda s: _choice(str(s).upper(), ("DEBUG", "INFO", "WARNING", "ERROR")),
             "INFO", "DEBUG, INFO, WARNING or ERROR"),
@@ -277,6 +304,10 @@ class AgentConfig:
     socket: Path
     socket_mode: int
     socket_group: int | None
+    admin_socket: Path
+    admin_group: int | None
+    allowed_roots: tuple[str, ...]
+    memory_budget: int
     metrics_address: tuple[str, int]
     fetch_concurrency: int
     retry_attempts: int
@@ -300,6 +331,9 @@ class AgentConfig:
     peers_refresh_s: float
     p2p_upload_limit: int
     p2p_chunk_timeout_s: float
+    p2p_tls_dir: Path | None
+    p2p_insecure: bool
+    p2p_manifests: str
     log_format: str
     log_level: str
 

@@ -82,6 +82,20 @@ class AgentMetrics:
         self.p2p_manifests = Counter(
             "coldbrew_p2p_manifests", "File manifests found, by where (sidecar, peer, built)",
             ["source"], registry=r)
+        self.p2p_manifests_rejected = Counter(
+            "coldbrew_p2p_manifests_rejected",
+            "Peer manifests dropped because the origin's own checksum disagreed with the file they "
+            "vouched for (the member that sent it is banned)", registry=r)
+        self.p2p_insecure = Gauge(
+            "coldbrew_p2p_insecure",
+            "1 when P2P runs without TLS on a non-loopback address (p2p_insecure = true)", registry=r)
+        self.p2p_refused = Counter(
+            "coldbrew_p2p_refused", "Peer connections or requests refused, by why", ["reason"],
+            registry=r)
+        self.control_refused = Counter(
+            "coldbrew_control_refused",
+            "Control API requests refused, by why (outside the allowed roots, not an admin)",
+            ["reason"], registry=r)
         for source in SOURCES:
             self.bytes_served.labels(source)
             self.corrupt_chunks.labels(source)
