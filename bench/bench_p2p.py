@@ -5,11 +5,14 @@ caps the origin's total bandwidth (a shared S3 prefix / NAT / egress budget):
 
 1. one agent alone (no peers): the time a single node needs;
 2. N agents, P2P off: every node pulls the whole model from the origin;
-3. N agents, P2P on, manifests published (``coldbrew publish``).
+3. N agents, P2P on, manifests published (``coldbrew publish``);
+4. the same with the cluster identity (mTLS: the peer endpoint over HTTPS with client
+   certificates, every torrent an SSL torrent), from a CA made here as cert-manager would.
 
 For each: seconds until every agent has every byte cached (``prewarm --wait`` on all
 at the same moment), and the origin bytes the proxy forwarded. Bars: with P2P,
-origin bytes <= 1.1x the model and time(all N) <= 1.6x time(one alone).
+origin bytes <= 1.1x the model and time(all N) <= 1.6x time(one alone); with TLS,
+time <= 1.1x the same rollout without it and origin bytes still <= 1.1x the model.
 
 Prefault (as in the other benchmarks; ``--no-prefault`` to skip): right before each
 clock, a scratch file as big as what the agents are about to cache (N x the model) is
@@ -56,6 +59,9 @@ class Bench:
         self.results: dict[str, Any] = {}
 
     def setup(self) -> None:
+        from coldbrew.agent.devtools.certs import ClusterCA
+
+        self.ca = ClusterCA.create("coldbrew bench CA")
         from coldbrew.agent.devtools.locals3 import LocalS3
 
         self.s3 = LocalS3(self.workdir / "s3", log_path=self.workdir / "weed.log")
@@ -79,7 +85,7 @@ class Bench:
         self.proxy = FaultProxy("127.0.0.1", self.s3.port).start()
         self.proxy.bandwidth = self.args.origin_bw
 
-    def scenario(self, name: str, n: int, p2p: bool) -> dict[str, Any]:
+    def scenario(self, name: str, n: int, p2p: bool, tls: bool = False) -> dict[str, Any]:
         ports = [free_port_pair() for _ in range(n)]
         agents = []
         for i in range(n):
@@ -88,6 +94,8 @@ class Bench:
                 others = ",".join(f"127.0.0.1:{p}" for p in ports if p != ports[i])
                 extra += ["--p2p-port", str(ports[i]), "--p2p-address", "127.0.0.1",
                           "--peers-refresh-s", "1"] + (["--peers", others] if others else [])
+                if tls:
+                    extra += ["--p2p-tls-dir", str(self.ca.issue(self.workdir / f"{name}-{i}-tls", f"{name}-{i}"))]
             env = {**self.env, "AWS_ENDPOINT_URL": self.proxy.url}
             agents.append(C.AgentProc(self.workdir, f"s3://{BUCKET}", env, f"{name}-{i}", extra))
         try:
@@ -166,6 +174,7 @@ class Bench:
             alone = self.scenario("alone", 1, p2p=False)
             off = self.scenario("p2p-off", n, p2p=False) if not self.args.skip_off else None
             on = self.scenario("p2p-on", n, p2p=True)
+            tls = self.scenario("p2p-tls", n, p2p=True, tls=True) if not self.args.skip_tls else None
         finally:
             self.proxy.stop()
             self.s3.stop()
@@ -177,7 +186,7 @@ class Bench:
                  if self.args.prefault else "off"))
         print(f"{'':24} {'all ready (s)':>14} {'origin bytes / model':>22}")
         for label, rec in (("one agent alone", alone), (f"{n} agents, P2P off", off),
-                           (f"{n} agents, P2P on", on)):
+                           (f"{n} agents, P2P on", on), (f"{n} agents, P2P + mTLS", tls)):
             if rec:
                 print(f"{label:24} {rec['seconds_all']:>14.1f} {rec['origin_x_model']:>22.2f}")
         ok_bytes = on["origin_x_model"] <= 1.1
@@ -186,9 +195,15 @@ class Bench:
               f"{'PASS' if ok_bytes else 'FAIL'}")
         print(f"bar: time for all {n} <= 1.6x one alone: {time_ratio:.2f}x "
               f"{'PASS' if ok_time else 'FAIL'}")
+        tls_ratio = tls["seconds_all"] / on["seconds_all"] if tls else None
+        if tls:
+            print(f"bar: time with mTLS <= 1.1x without: {tls_ratio:.2f}x "
+                  f"{'PASS' if tls_ratio <= 1.1 else 'FAIL'}; origin bytes {tls['origin_x_model']:.2f}x "
+                  f"{'PASS' if tls['origin_x_model'] <= 1.1 else 'FAIL'}")
         if self.args.json:
-            C.write_json(self.args.json, {"alone": alone, "off": off, "on": on,
-                                          "time_ratio": round(time_ratio, 3)})
+            C.write_json(self.args.json, {"alone": alone, "off": off, "on": on, "tls": tls,
+                                          "time_ratio": round(time_ratio, 3),
+                                          "tls_ratio": round(tls_ratio, 3) if tls_ratio else None})
         return 0
 
 
@@ -199,6 +214,7 @@ def main() -> int:
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--origin-bw", type=float, default=100e6, help="origin cap, bytes/s (100e6)")
     p.add_argument("--skip-off", action="store_true", help="skip the N agents without P2P run")
+    p.add_argument("--skip-tls", action="store_true", help="skip the N agents with P2P over mTLS run")
     p.add_argument("--no-prefault", dest="prefault", action="store_false",
                    help="skip writing and freeing N x model-size of page cache before each clock")
     p.add_argument("--json", type=Path, default=None)

@@ -63,6 +63,22 @@ def raise_open_file_limit() -> tuple[int, int]:
     return soft, soft
 
 
+#: How often the P2P identity's files are looked at for a renewal (cert-manager renews well
+#: before expiry; the kubelet takes up to a minute to update a mounted Secret anyway).
+TLS_RELOAD_S = 30.0
+
+
+async def _renew_certificates(tls: Any, swarm: Any) -> None:
+    while True:
+        await asyncio.sleep(TLS_RELOAD_S)
+        try:
+            if await asyncio.to_thread(tls.reload):
+                swarm.renew_certificates()
+                log.info("P2P certificates renewed", extra={"dir": str(tls.directory)})
+        except ColdbrewError as e:  # a half-written rotation: keep the old set, say so
+            log.warning("P2P certificates not renewed", extra={"error": str(e)})
+
+
 def _claim_socket(path: Path) -> None:
     """Make ``path`` free for our socket, refusing to steal a live agent's."""
     try:
@@ -169,12 +185,19 @@ class Agent:
         from ..p2p.session import P2PSettings
         from ..p2p.sharing import Sharing
         from ..p2p.swarm import Swarm
+        from ..p2p.tls import PeerTLS, require_secure
 
         cfg = self.config
         assert self.store is not None and self.origin is not None
+        tls = PeerTLS.load(cfg.p2p_tls_dir) if cfg.p2p_tls_dir is not None else None
+        if require_secure(cfg.p2p_address, tls, cfg.p2p_insecure):
+            self.metrics.p2p_insecure.set(1)
+            log.warning("P2P runs WITHOUT TLS on a non-loopback address (p2p_insecure = true): "
+                        "anyone who reaches the peer ports can read cached models and offer chunks",
+                        extra={"address": cfg.p2p_address, "port": cfg.p2p_port})
         swarm = Swarm(P2PSettings(cfg.p2p_address, cfg.p2p_port + 1, cfg.p2p_upload_limit,
-                                  cfg.p2p_chunk_timeout_s),
-                      self.agent_id, self.store, self.metrics, asyncio.get_running_loop())
+                                  cfg.p2p_chunk_timeout_s, tls=tls is not None),
+                      self.agent_id, self.store, self.metrics, asyncio.get_running_loop(), tls=tls)
         try:
             await asyncio.to_thread(swarm.start)
         except ColdbrewError as e:
@@ -185,19 +208,22 @@ class Agent:
             self.metrics.p2p_peers.set(len(peers))
 
         directory = PeerDirectory(self.agent_id, cfg.peers, cfg.peers_dns, cfg.p2p_port,
-                                  cfg.peers_refresh_s, peers_changed)
+                                  cfg.peers_refresh_s, peers_changed, tls=tls)
         self.sharing = Sharing(swarm, directory, self.store, self.origin, self.metrics)
         await self.sharing.start()
         runner = web.AppRunner(self.sharing.peer_app(self.agent_id), access_log=None)
         await runner.setup()
         try:
-            await web.TCPSite(runner, cfg.p2p_address, cfg.p2p_port).start()
+            await web.TCPSite(runner, cfg.p2p_address, cfg.p2p_port,
+                              ssl_context=tls.server_context() if tls else None).start()
         except OSError as e:
             await runner.cleanup()
             raise ConfigError(f"cannot listen on P2P port {cfg.p2p_address}:{cfg.p2p_port}: "
                               f"{e.strerror}") from e
         self._runners.append(runner)
         self._tasks.append(asyncio.create_task(directory.run()))
+        if tls is not None:
+            self._tasks.append(asyncio.create_task(_renew_certificates(tls, swarm)))
         return PeerSource(self.sharing)
 
     async def _mount(self) -> None:

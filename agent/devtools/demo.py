@@ -121,11 +121,24 @@ class _Agent:
         self.socket = workdir / f"{name}.sock"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def _identity(self) -> Path:
+        """This node's member certificate of the demo's cluster CA (made once, as cert-manager would)."""
+        from .certs import ClusterCA
+
+        ca_file = self.workdir / "cluster-ca.json"
+        if not ca_file.exists():
+            ca = ClusterCA.create("coldbrew demo CA")
+            ca_file.write_text(json.dumps({"cert": ca.cert_pem.decode(), "key": ca.key_pem.decode()}))
+        saved = json.loads(ca_file.read_text())
+        ca = ClusterCA(saved["cert"].encode(), saved["key"].encode())
+        return ca.issue(self.workdir / f"{self.name}-tls", self.name)
+
     def start(self) -> None:
         port = free_ports(1)[0]
         log = open(self.workdir / f"{self.name}.log", "ab")
         peers = ["--p2p-port", str(self.p2p[0]), "--p2p-address", "127.0.0.1",
-                 "--peers", f"127.0.0.1:{self.p2p[1]}", "--peers-refresh-s", "1"] if self.p2p else []
+                 "--peers", f"127.0.0.1:{self.p2p[1]}", "--peers-refresh-s", "1",
+                 "--p2p-tls-dir", str(self._identity())] if self.p2p else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "coldbrew.agent", "agent", "--origin", f"s3://{BUCKET}",
              "--cache-dir", str(self.workdir / f"{self.name}-cache"), "--socket", str(self.socket),

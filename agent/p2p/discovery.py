@@ -20,6 +20,8 @@ from typing import Any
 
 import aiohttp
 
+from .tls import PeerTLS
+
 log = logging.getLogger("coldbrew.discovery")
 
 HELLO_TIMEOUT_S = 2.0
@@ -35,8 +37,10 @@ class Peer:
 class PeerDirectory:
     def __init__(self, own_id: str, static: tuple[tuple[str, int], ...], dns: str | None,
                  dns_port: int, refresh_s: float,
-                 on_change: Callable[[dict[str, Peer]], None]) -> None:
+                 on_change: Callable[[dict[str, Peer]], None], tls: PeerTLS | None = None) -> None:
         self.own_id = own_id
+        self.tls = tls  # present our member certificate, accept only members' (:mod:`.tls`)
+        self.scheme = "https" if tls is not None else "http"
         self.static = static
         self.dns = dns
         self.dns_port = dns_port
@@ -49,7 +53,9 @@ class PeerDirectory:
     @property
     def http(self) -> aiohttp.ClientSession:
         if self._http is None:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HELLO_TIMEOUT_S))
+            connector = aiohttp.TCPConnector(ssl=self.tls.client_context()) if self.tls else None
+            self._http = aiohttp.ClientSession(connector=connector,
+                                               timeout=aiohttp.ClientTimeout(total=HELLO_TIMEOUT_S))
         return self._http
 
     async def run(self) -> None:
@@ -84,7 +90,7 @@ class PeerDirectory:
         return sorted(out)
 
     async def _hello(self, ip: str, port: int) -> Peer | None:
-        base = f"http://{_bracket(ip)}:{port}"
+        base = f"{self.scheme}://{_bracket(ip)}:{port}"
         try:
             async with self.http.get(f"{base}/v1/peer/hello") as resp:
                 if resp.status != 200:

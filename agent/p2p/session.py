@@ -19,18 +19,25 @@ class P2PSettings:
     bt_port: int
     upload_limit: int  # bytes/s, 0 = no cap
     chunk_timeout_s: float
+    tls: bool = False  # libtorrent listens for SSL torrents only (:mod:`.tls`)
+
+    @property
+    def listen(self) -> str:
+        # The "s" suffix makes it an SSL listen socket: the only one, so no plaintext peer
+        # reaches libtorrent at all when TLS is on.
+        return f"{self.address}:{self.bt_port}" + ("s" if self.tls else "")
 
 
 def make_session(lt: Any, s: P2PSettings, pid: bytes) -> Any:
     """A libtorrent session for agent ``pid`` (its 20-byte peer id)."""
     pack = {
-        "listen_interfaces": f"{s.address}:{s.bt_port}",
+        "listen_interfaces": s.listen,
         "enable_dht": False, "enable_lsd": False, "enable_upnp": False, "enable_natpmp": False,
         # TCP only: one port to open in a firewall or NetworkPolicy.
         "enable_incoming_utp": False, "enable_outgoing_utp": False,
         "allow_multiple_connections_per_ip": True,  # several agents per host in tests
-        # Plaintext: peers are the cluster's own nodes, and RC4 would only cost CPU and
-        # handshake round trips.
+        # No BitTorrent protocol encryption: it is RC4, authenticates nobody, and would only
+        # cost CPU and handshake round trips. Confidentiality and membership come from TLS.
         "out_enc_policy": int(lt.enc_policy.pe_disabled),
         "in_enc_policy": int(lt.enc_policy.pe_disabled),
         "tick_interval": 100,  # ms; the rate limiter and handshakes react faster
@@ -65,13 +72,17 @@ def make_session(lt: Any, s: P2PSettings, pid: bytes) -> Any:
     return session
 
 
+def listen_port(session: Any, s: P2PSettings) -> int:
+    return int(session.ssl_listen_port() if s.tls else session.listen_port())
+
+
 def wait_listening(lt: Any, session: Any, s: P2PSettings, timeout_s: float = 10.0) -> None:
     """Block until ``session`` listens; a :class:`CacheError` naming the address if it cannot."""
     deadline = time.monotonic() + timeout_s
-    while session.listen_port() == 0 and time.monotonic() < deadline:
+    while listen_port(session, s) == 0 and time.monotonic() < deadline:
         for a in session.pop_alerts():
             if isinstance(a, lt.listen_failed_alert):
                 raise CacheError(f"P2P: cannot listen on {s.address}:{s.bt_port}: {a.message()}")
         session.wait_for_alert(100)
-    if session.listen_port() == 0:
+    if listen_port(session, s) == 0:
         raise CacheError(f"P2P: libtorrent did not start listening on {s.address}:{s.bt_port}")

@@ -31,7 +31,8 @@ from ..fetch.sources import OpenFile
 from ..metrics import AgentMetrics
 from ..origin.origin import Origin
 from .discovery import PeerDirectory
-from .swarm import FIRST_S, Swarm, Torrent
+from .membership import FIRST_S
+from .swarm import Swarm, Torrent
 
 log = logging.getLogger("coldbrew.sharing")
 

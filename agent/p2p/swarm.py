@@ -27,6 +27,7 @@ and, every tick, snapshots piece availability and members for the asyncio side.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -39,7 +40,8 @@ from ..errors import CacheError, CorruptData, ObjectChanged
 from ..fetch.sources import Outcome
 from ..metrics import AgentMetrics
 from .membership import TICK_S, PeerView, availability_from
-from .session import P2PSettings, make_session, wait_listening
+from .session import P2PSettings, listen_port, make_session, wait_listening
+from .tls import DH_PARAMS, PeerTLS
 from .torrent import torrent_bytes
 
 log = logging.getLogger("coldbrew.peers")
@@ -78,11 +80,13 @@ class Torrent:
 
 class Swarm:
     def __init__(self, settings: P2PSettings, agent_id: str, store: ChunkStore,
-                 metrics: AgentMetrics, loop: asyncio.AbstractEventLoop) -> None:
+                 metrics: AgentMetrics, loop: asyncio.AbstractEventLoop,
+                 tls: PeerTLS | None = None) -> None:
         import libtorrent as lt
 
         self.lt = lt
         self.settings = settings
+        self.tls = tls
         self.pid = _pid(agent_id)
         self.store = store
         self.metrics = metrics
@@ -104,11 +108,11 @@ class Swarm:
         wait_listening(self.lt, self.session, self.settings)
         self._thread = threading.Thread(target=self._alert_loop, name="p2p-alerts", daemon=True)
         self._thread.start()
-        log.info("p2p session listening", extra={"port": self.session.listen_port()})
+        log.info("p2p session listening", extra={"port": self.bt_port, "tls": self.tls is not None})
 
     @property
     def bt_port(self) -> int:
-        return int(self.session.listen_port())
+        return listen_port(self.session, self.settings)
 
     def close(self) -> None:
         self._stop.set()
@@ -151,7 +155,7 @@ class Swarm:
             found = self._torrents.get(entry.key)
             if found is not None:
                 return found
-            info = lt.torrent_info(torrent_bytes(manifest))
+            info = lt.torrent_info(torrent_bytes(manifest, self.tls.ca_pem if self.tls else None))
             n = info.num_pieces()
             atp = lt.add_torrent_params()
             atp.ti = info
@@ -164,6 +168,7 @@ class Swarm:
             atp.have_pieces = [i in present for i in range(n)]  # trust the journal: no recheck
             atp.piece_priorities = [0] * n  # nothing is fetched unless the fetcher asks
             handle = self.session.add_torrent(atp)
+            self._certify(handle)
             view = PeerView(self.pid, entry.key, time.monotonic(), availability=[0] * n)
             t = Torrent(entry, manifest, handle, view)
             self._torrents[entry.key] = t
@@ -173,6 +178,19 @@ class Swarm:
         log.info("sharing with peers", extra={"uri": entry.identity.uri, "chunks": n,
                                               "present": len(present)})
         return t
+
+    def _certify(self, handle: Any) -> None:
+        if self.tls is not None:
+            handle.set_ssl_certificate_buffer(self.tls.cert_pem.decode(), self.tls.key_pem.decode(),
+                                              DH_PARAMS)
+
+    def renew_certificates(self) -> None:
+        """The identity's files changed (a renewal): present the new certificate from now on."""
+        with self._lock:
+            torrents = list(self._torrents.values())
+        for t in torrents:
+            with contextlib.suppress(RuntimeError):  # removed meanwhile
+                self._certify(t.handle)
 
     def expect(self, t: Torrent, agent_ids: set[str]) -> None:
         """These agents share ``t``'s file too: wait for them to connect before striping."""
@@ -349,6 +367,11 @@ class Swarm:
                 log.warning("a peer sent a bad chunk; it will be banned and the chunk fetched "
                             "again", extra={"chunk": index,
                                             "uri": t.entry.identity.uri if t else None})
+        elif isinstance(alert, lt.peer_error_alert) and "ssl" in alert.message().lower():
+            # a process without a member certificate (or a plaintext one) tried to talk to us
+            self.metrics.p2p_refused.labels("tls").inc()
+            log.info("peer refused: TLS handshake failed", extra={"peer": str(alert.endpoint),
+                                                                  "error": alert.message()})
         elif isinstance(alert, lt.peer_ban_alert):
             self.metrics.p2p_peers_banned.inc()
             log.warning("peer banned for sending bad data", extra={"peer": str(alert.endpoint)})

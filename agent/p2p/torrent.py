@@ -47,28 +47,34 @@ def bencode(value: Any) -> bytes:
     raise TypeError(f"cannot bencode {type(value).__name__}")
 
 
-def info_dict(manifest: Manifest) -> dict[str, Any]:
+def info_dict(manifest: Manifest, ca_pem: bytes | None = None) -> dict[str, Any]:
+    """The info dict; with ``ca_pem`` an SSL torrent (libtorrent talks TLS, to holders of a
+    certificate signed by that CA only, :mod:`.tls`) — a different info-hash, so agents with
+    and without TLS never share a swarm."""
     if not manifest.shareable:
         raise ValueError(f"{manifest.identity.uri}: piece hashes unknown; cannot build its torrent")
     layout = manifest.layout
     if layout.count == 0:
         raise ValueError(f"{manifest.identity.uri} is empty; there is nothing to share")
-    return {
+    info: dict[str, Any] = {
         "coldbrew-key": manifest.identity.key(),
         "name": TORRENT_FILE,
         "piece length": manifest.chunk_size,
         "length": layout.size,
         "pieces": b"".join(bytes.fromhex(h) for h in manifest.sha1s if h is not None),
     }
+    if ca_pem:
+        info["ssl-cert"] = ca_pem
+    return info
 
 
-def torrent_bytes(manifest: Manifest) -> bytes:
+def torrent_bytes(manifest: Manifest, ca_pem: bytes | None = None) -> bytes:
     """The .torrent (metainfo) for ``manifest``: just the info dict, no trackers."""
-    return bencode({"info": info_dict(manifest)})
+    return bencode({"info": info_dict(manifest, ca_pem)})
 
 
-def info_hash(manifest: Manifest) -> str:
-    return hashlib.sha1(bencode(info_dict(manifest))).hexdigest()
+def info_hash(manifest: Manifest, ca_pem: bytes | None = None) -> str:
+    return hashlib.sha1(bencode(info_dict(manifest, ca_pem))).hexdigest()
 
 
 def salt(key: str) -> int:
