@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .units import GiB, KiB, MiB, parse_size
+from .units import GiB, KiB, MiB, format_size, parse_size
+
+#: Each origin GET holds one chunk buffer and one task; beyond this, S3 throttles anyway.
+MAX_FETCH_CONCURRENCY = 256
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,26 @@ def _positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return parse
 
 
+def _at_most(kind: Callable[[Any], Any], maximum: int, why: str) -> Callable[[Any], Any]:
+    """``kind`` > 0 and <= ``maximum``: a setting that allocates per unit (buffers, tasks)."""
+    positive = _positive(kind)
+
+    def parse(text: Any) -> Any:
+        value = positive(text)
+        if value > maximum:
+            raise ValueError(f"{text!r} is above the limit of {maximum} ({why})")
+        return value
+
+    return parse
+
+
+def parse_cache_size(text: str | int) -> SizeOrPercent:
+    value = parse_size_or_percent(text)
+    if not (value.bytes or value.percent):
+        raise ValueError(f"{text!r} leaves the cache no room; give a size (500GiB) or a share (80%)")
+    return value
+
+
 def _non_negative_seconds(text: Any) -> float:
     value = float(text)
     if not math.isfinite(value) or value < 0:
@@ -197,7 +220,7 @@ SETTINGS: tuple[Setting, ...] = (
             env_aliases=("AWS_REGION", "AWS_DEFAULT_REGION")),
     Setting("anonymous", parse_bool, False, "read public buckets without credentials"),
     Setting("cache_dir", Path, Path("/var/lib/coldbrew/cache"), "node-local cache directory (NVMe)"),
-    Setting("cache_size", parse_size_or_percent, SizeOrPercent(percent=90.0),
+    Setting("cache_size", parse_cache_size, SizeOrPercent(percent=90.0),
             "most bytes the cache may hold: a size (500GiB) or a share of the disk (90%%)"),
     Setting("cache_reserve", parse_size_or_percent, SizeOrPercent(bytes=1 * GiB),
             "free space always left on the cache disk (size or %%)"),
@@ -220,8 +243,10 @@ SETTINGS: tuple[Setting, ...] = (
             "must fit in it"),
     Setting("metrics_address", parse_address, ("0.0.0.0", 9400),
             "host:port for /metrics, /healthz, /readyz (port 0 picks a free one)"),
-    Setting("fetch_concurrency", _positive(int), 8, "parallel ranged GETs to the origin"),
-    Setting("retry_attempts", _positive(int), 8, "attempts per origin request before giving up"),
+    Setting("fetch_concurrency", _at_most(int, MAX_FETCH_CONCURRENCY, "each GET holds a chunk buffer"), 8,
+            "parallel ranged GETs to the origin (at most 256; x chunk_size must fit memory_budget)"),
+    Setting("retry_attempts", _at_most(int, 100, "a request retried longer is better failed"), 8,
+            "attempts per origin request before giving up (at most 100)"),
     Setting("retry_base_delay_s", _positive(float), 0.1, "first retry backoff, doubles each time"),
     Setting("retry_max_delay_s", _positive(float), 5.0, "cap on one retry backoff"),
     Setting("connect_timeout_s", _positive(float), 5.0, "origin connect timeout"),
@@ -428,7 +453,22 @@ def load_config(
         if v is not None:
             raw[k] = (v, _BY_NAME[k].flag)
     values = {s.name: _parse_one(s, raw.get(s.name)) for s in SETTINGS}
+    _check_memory(values, raw)
     return AgentConfig(**values)
+
+
+def _check_memory(values: dict[str, Any], raw: dict[str, tuple[Any, str]]) -> None:
+    """Origin fetches each hold one chunk-size buffer: their product must fit the budget."""
+    need = values["fetch_concurrency"] * values["chunk_size"]
+    if need > values["memory_budget"]:
+        def where(name: str) -> str:
+            return raw[name][1] if name in raw else "default"
+
+        raise ConfigError(
+            f"fetch_concurrency x chunk_size = {values['fetch_concurrency']} x {format_size(values['chunk_size'])}"
+            f" = {format_size(need)} exceeds memory_budget {format_size(values['memory_budget'])} "
+            f"(from {where('fetch_concurrency')}, {where('chunk_size')}, {where('memory_budget')}); "
+            "lower one of the first two or raise the budget")
 
 
 def _parse_one(setting: Setting, given: tuple[Any, str] | None) -> Any:
