@@ -14,6 +14,26 @@ so the client can rebuild the same class on the other side of the socket.
 from __future__ import annotations
 
 import errno
+import os
+import re
+
+#: ``scheme://user:password@host``: the userinfo of any URL in a message.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s\"'<>]+@")
+#: Environment variables whose values are secrets wherever they turn up.
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
+              "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN", "GOOGLE_OAUTH_ACCESS_TOKEN")
+
+
+def redact(text: str) -> str:
+    """``text`` without URL userinfo or the values of :data:`SECRET_ENV`: applied to every log
+    line, error reply and CLI error, so a credential in ``endpoint_url`` or an exception's
+    text never leaves the process."""
+    text = _USERINFO.sub(r"\1***@", text)
+    for name in SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 8:  # a short value would blank out common words
+            text = text.replace(value, "***")
+    return text
 
 
 class ColdbrewError(Exception):

@@ -11,6 +11,8 @@ import logging
 import sys
 import time
 
+from .errors import redact
+
 # Attributes every LogRecord has; anything else came from `extra=`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -27,7 +29,7 @@ class JsonFormatter(logging.Formatter):
         out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return redact(json.dumps(out, default=str))
 
 
 class TextFormatter(logging.Formatter):
@@ -37,7 +39,7 @@ class TextFormatter(logging.Formatter):
         line = f"{line}  {extras}" if extras else line
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return redact(line)
 
 
 def setup_logging(fmt: str = "json", level: str = "INFO") -> None:

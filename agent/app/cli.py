@@ -23,7 +23,7 @@ import time
 
 from ... import __version__
 from ..control.client import AgentClient, default_socket
-from ..errors import AgentUnavailable, ColdbrewError, ConfigError, UsageError
+from ..errors import AgentUnavailable, ColdbrewError, ConfigError, UsageError, redact
 from ..units import format_size
 
 # Every `coldbrew get/status/prewarm` is a fresh process, and its start is part of what the
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(e: BaseException) -> None:
-    print(f"coldbrew: error: {e}", file=sys.stderr)
+    print(f"coldbrew: error: {redact(str(e))}", file=sys.stderr)
 
 
 # --- commands -----------------------------------------------------------------------------

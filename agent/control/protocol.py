@@ -25,7 +25,7 @@ as it came.
 import types
 from dataclasses import MISSING, dataclass, fields
 
-from ..errors import BadMessage, ColdbrewError, error_from_kind
+from ..errors import BadMessage, ColdbrewError, error_from_kind, redact
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ class ErrorReply(Message):
 
     @classmethod
     def of(cls, exc: ColdbrewError) -> "ErrorReply":
-        return cls(ErrorDetail(exc.kind, str(exc)))
+        return cls(ErrorDetail(exc.kind, redact(str(exc))))
 
 
 # --- health -------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from ..errors import (
     OriginError,
     TransientOriginError,
     UsageError,
+    redact,
 )
 from ..metrics import AgentMetrics
 from .retry import RetryPolicy, with_retries
@@ -142,7 +143,7 @@ def translate(exc: BaseException, uri: str, endpoint: str | None = None) -> Cold
     if _is_short_body(exc):
         return TransientOriginError(f"{uri}: short body from the origin ({exc})", reason="short_body")
     if _is_network_error(exc):
-        where = f" at {endpoint}" if endpoint else ""
+        where = f" at {redact(endpoint)}" if endpoint else ""
         return TransientOriginError(f"cannot read {uri}{where}: {type(exc).__name__}: {exc}",
                                     reason="network")
     if isinstance(exc, FileNotFoundError):
