@@ -177,6 +177,11 @@ def parse_roots(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(parse_origin(i) for i in (str(i).strip() for i in items) if i)
 
 
+def admin_socket_for(socket: Path) -> Path:
+    """The admin socket beside a control socket: ``agent.sock`` → ``agent-admin.sock``."""
+    return socket.with_name(f"{socket.stem}-admin{socket.suffix}")
+
+
 def _optional_str(text: Any) -> str | None:
     return str(text) if text not in (None, "") else None
 
@@ -228,11 +233,12 @@ SETTINGS: tuple[Setting, ...] = (
             "unit of fetch, cache and integrity; power of two"),
     Setting("socket", Path, Path("/run/coldbrew/agent.sock"), "control API unix socket path"),
     Setting("socket_mode", parse_mode, 0o660,
-            "permissions of the control socket, octal (0666: any process that sees it)"),
+            "permissions of the control socket, octal (prefer socket_group to opening it wider)"),
     Setting("socket_group", parse_group, None,
             "group owning the control socket (name or gid), so non-root runners in it can connect"),
-    Setting("admin_socket", Path, Path("/run/coldbrew/admin.sock"),
-            "control socket for destructive calls (evict); owner-only unless admin_group is set"),
+    Setting("admin_socket", _optional_path, None,
+            "control socket for destructive calls (evict); owner-only unless admin_group is set "
+            "(default: beside socket, <name>-admin.sock)"),
     Setting("admin_group", parse_group, None,
             "group that may use the admin socket (name or gid); unset: only the agent's user"),
     Setting("allowed_roots", parse_roots, (),
@@ -329,7 +335,7 @@ class AgentConfig:
     socket: Path
     socket_mode: int
     socket_group: int | None
-    admin_socket: Path
+    admin_socket: Path | None
     admin_group: int | None
     allowed_roots: tuple[str, ...]
     memory_budget: int
@@ -362,6 +368,10 @@ class AgentConfig:
     log_format: str
     log_level: str
 
+
+    @property
+    def admin_socket_path(self) -> Path:
+        return self.admin_socket or admin_socket_for(self.socket)
 
     @property
     def origin_settings(self) -> OriginSettings:

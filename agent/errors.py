@@ -66,6 +66,20 @@ class UsageError(ColdbrewError, ValueError):
     errno_code = errno.EINVAL
 
 
+class OutsideRoots(ColdbrewError, PermissionError):
+    """A control request names a URI outside the agent's origin and allowed roots."""
+
+    kind = "outside_roots"
+    errno_code = errno.EACCES
+
+
+class NotAdmin(ColdbrewError, PermissionError):
+    """A destructive call came on the runner socket; it is served on the admin socket only."""
+
+    kind = "not_admin"
+    errno_code = errno.EACCES
+
+
 # --- origin (S3 and other fsspec stores) ------------------------------------
 
 

@@ -83,7 +83,7 @@ def test_no_agent_running(tmp_path, command):
     assert r.returncode == 3
     line = last_line(r)
     assert line.startswith("coldbrew: error: no coldbrew agent is listening on")
-    assert "nobody.sock" in line and "coldbrew agent" in line
+    assert "nobody" in line and "coldbrew agent" in line  # evict names the admin socket beside it
 
 
 def test_missing_key_and_bucket_through_a_running_agent(bucket, s3_client, make_agent, tmp_path):
@@ -95,7 +95,8 @@ def test_missing_key_and_bucket_through_a_running_agent(bucket, s3_client, make_
     assert r.returncode == 1 and "not found" in last_line(r)
     assert not (tmp_path / "x").exists()
     r = agent.cli("get", "s3://other-missing-bucket/k", str(tmp_path / "y"))
-    assert r.returncode == 1 and "'other-missing-bucket' does not exist" in last_line(r)
+    # another bucket is outside this agent's origin: refused before the origin is asked
+    assert r.returncode == 1 and "outside what this agent serves" in last_line(r)
     r = agent.cli("status", "m/absent/")
     assert r.returncode == 1 and "not found" in last_line(r)
     r = agent.cli("get", "gs://elsewhere/k", str(tmp_path / "z"))

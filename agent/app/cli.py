@@ -23,7 +23,7 @@ import time
 
 from ... import __version__
 from ..control.client import AgentClient, default_socket
-from ..errors import AgentUnavailable, ColdbrewError, ConfigError, UsageError, redact
+from ..errors import AgentUnavailable, ColdbrewError, ConfigError, NotAdmin, UsageError, redact
 from ..units import format_size
 
 # Every `coldbrew get/status/prewarm` is a fresh process, and its start is part of what the
@@ -93,6 +93,9 @@ def _evict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("uri")
     p.add_argument("--json", action="store_true")
     _add_socket(p)
+    p.add_argument("--admin-socket", default=None,
+                   help="the agent's admin socket, where evict is served (default: $COLDBREW_ADMIN_SOCKET, "
+                        "else beside --socket: <name>-admin.sock)")
 
 
 def _get_args(p: argparse.ArgumentParser) -> None:
@@ -276,7 +279,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_evict(args: argparse.Namespace) -> int:
-    result = AgentClient(args.socket).evict(args.uri)
+    import pathlib
+
+    from ..config import admin_socket_for
+
+    admin = args.admin_socket or os.environ.get("COLDBREW_ADMIN_SOCKET") or str(
+        admin_socket_for(pathlib.Path(args.socket or default_socket())))
+    try:
+        result = AgentClient(admin).evict(args.uri)
+    except AgentUnavailable as e:
+        if "ermission denied" in str(e):
+            raise NotAdmin(f"cannot use the admin socket {admin}: permission denied; evict needs the "
+                           "agent's admin_group or its user") from None
+        raise
     if args.json:
         print(json.dumps(result, indent=2))
     else:

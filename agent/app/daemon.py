@@ -24,6 +24,7 @@ from aiohttp import web
 
 from ..cache.store import ChunkStore, Limits
 from ..config import AgentConfig
+from ..control.scope import Scope
 from ..control.server import ControlAPI
 from ..errors import ColdbrewError, ConfigError
 from ..fetch.fetcher import Fetcher
@@ -146,7 +147,8 @@ class Agent:
                                             cfg.prewarm_reload_s, self.metrics.registry)
             self.prewarm_list.load()
         self.api = ControlAPI(self.fetcher, self.jobs, self.metrics, facts={},
-                              p2p_status=self.sharing.status if self.sharing else None)
+                              p2p_status=self.sharing.status if self.sharing else None,
+                              scope=Scope.of(cfg.origin, cfg.allowed_roots))
         await self._serve_metrics()
         if cfg.mount is not None:
             await self._mount()
@@ -244,20 +246,28 @@ class Agent:
         await asyncio.to_thread(self.mount.start)
 
     async def _serve_control(self) -> None:
+        """The admin socket first (owner only, or admin_group), then the runners' socket."""
+        cfg = self.config
+        admin_group = cfg.admin_group
+        await self._serve_socket(cfg.admin_socket_path, admin=True, group=admin_group,
+                                 mode=0o660 if admin_group is not None else 0o600, what="admin_group")
+        await self._serve_socket(cfg.socket, admin=False, group=cfg.socket_group,
+                                 mode=cfg.socket_mode, what="socket_group")
+
+    async def _serve_socket(self, path: Path, *, admin: bool, group: int | None, mode: int,
+                            what: str) -> None:
         assert self.api is not None
-        path = self.config.socket
         _claim_socket(path)
-        runner = web.AppRunner(self.api.control_app(), access_log=None)
+        runner = web.AppRunner(self.api.control_app(admin=admin), access_log=None)
         await runner.setup()
         await web.UnixSite(runner, str(path)).start()
-        if self.config.socket_group is not None:
-            try:
-                os.chown(path, -1, self.config.socket_group)
-            except OSError as e:
-                raise ConfigError(f"socket_group: cannot give {path} to group "
-                                  f"{self.config.socket_group}: {e.strerror}") from e
-        os.chmod(path, self.config.socket_mode)
         self._runners.append(runner)
+        if group is not None:
+            try:
+                os.chown(path, -1, group)
+            except OSError as e:
+                raise ConfigError(f"{what}: cannot give {path} to group {group}: {e.strerror}") from e
+        os.chmod(path, mode)
 
     async def _sweep_leases(self) -> None:
         while True:
@@ -291,6 +301,7 @@ class Agent:
         if self.store:
             self.store.close()
         self.config.socket.unlink(missing_ok=True)
+        self.config.admin_socket_path.unlink(missing_ok=True)
         log.info("agent stopped")
 
 

@@ -41,9 +41,11 @@ from ..errors import (
     BadMessage,
     ColdbrewError,
     FileBusy,
+    NotAdmin,
     ObjectChanged,
     ObjectNotFound,
     OriginUnavailable,
+    OutsideRoots,
     UsageError,
 )
 from ..fetch.fetcher import Fetcher, Priority
@@ -51,12 +53,13 @@ from ..fetch.jobs import Jobs, PrewarmJob
 from ..metrics import SOURCES, AgentMetrics
 from . import protocol as p
 from .leases import Lease, Leases
+from .scope import Scope
 
 log = logging.getLogger("coldbrew.api")
 
 _STATUS_FOR = [
     # A reply the agent built that its own protocol refuses is the agent's bug, not the caller's.
-    (BadMessage, 500),
+    (BadMessage, 500), (OutsideRoots, 403), (NotAdmin, 403),
     (UsageError, 400), (ValueError, 400), (AccessDenied, 403), (ObjectNotFound, 404),
     (FileBusy, 409), (ObjectChanged, 412), (OriginUnavailable, 502),
 ]
@@ -76,8 +79,11 @@ M = TypeVar("M", bound=p.Message)
 class ControlAPI:
     def __init__(self, fetcher: Fetcher, jobs: Jobs, metrics: AgentMetrics,
                  facts: dict[str, Any],
-                 p2p_status: Callable[[], dict[str, Any]] | None = None) -> None:
+                 p2p_status: Callable[[], dict[str, Any]] | None = None,
+                 scope: Scope | None = None) -> None:
         self.fetcher = fetcher
+        # None: every URI of the origin's scheme (tests that build the API by hand)
+        self.scope = scope
         self.p2p_status = p2p_status  # the status's "p2p" part; None: P2P is off
         self.jobs = jobs
         self.metrics = metrics
@@ -87,7 +93,24 @@ class ControlAPI:
 
     # --- apps -------------------------------------------------------------------------
 
-    def control_app(self) -> web.Application:
+    def _resolve(self, uri: str) -> str:
+        """A request's URI, full, and within this agent's scope (else :class:`OutsideRoots`)."""
+        resolved = self.fetcher.origin.resolve(uri)
+        if self.scope is not None:
+            try:
+                self.scope.check(resolved)
+            except OutsideRoots:
+                self.metrics.control_refused.labels("outside_roots").inc()
+                raise
+        return resolved
+
+    async def not_admin(self, request: web.Request) -> web.Response:
+        self.metrics.control_refused.labels("not_admin").inc()
+        raise NotAdmin(f"{request.path} drops cached files: it is served on the admin socket only "
+                       "(coldbrew evict uses it; you need its group, admin_group, or the agent's user)")
+
+    def control_app(self, admin: bool = False) -> web.Application:
+        """The control API; destructive routes only with ``admin`` (the admin socket)."""
         app = web.Application(middlewares=[self._errors], client_max_size=1 << 20)
         r = app.router
         r.add_get("/v1/health", self.health)
@@ -96,7 +119,7 @@ class ControlAPI:
         r.add_get("/v1/jobs/{id}", self.get_job)
         r.add_get("/v1/status", self.status)
         r.add_get("/v1/ls", self.ls)
-        r.add_post("/v1/evict", self.evict)
+        r.add_post("/v1/evict", self.evict if admin else self.not_admin)
         r.add_post("/v1/ensure", self.ensure)
         r.add_post("/v1/leases/{id}/release", self.release)
         r.add_post("/v1/corrupt", self.corrupt)
@@ -156,7 +179,7 @@ class ControlAPI:
             uris = ()
         if not uris:
             raise UsageError("prewarm needs {\"uris\": [\"s3://bucket/key\", ...]}")
-        resolved = [self.fetcher.origin.resolve(u) for u in uris]
+        resolved = [self._resolve(u) for u in uris]
         job = self.jobs.start(resolved)
         return _reply(job_reply(job), status=202)
 
@@ -183,7 +206,7 @@ class ControlAPI:
         uri = request.query.get("uri")
         store = self.fetcher.store
         if uri:
-            infos = await self.fetcher.origin.expand(self.fetcher.origin.resolve(uri))
+            infos = await self.fetcher.origin.expand(self._resolve(uri))
             files = [file_status(info.uri, info.etag, info.size, store.find(info.identity.key()))
                      for info in infos]
         else:
@@ -209,7 +232,7 @@ class ControlAPI:
 
     async def ls(self, request: web.Request) -> web.Response:
         origin = self.fetcher.origin
-        uri = origin.resolve(request.query.get("uri", ""))
+        uri = self._resolve(request.query.get("uri", ""))
         listing = await origin.list_dir(uri)
         store = self.fetcher.store
         entries = []
@@ -225,7 +248,7 @@ class ControlAPI:
 
     async def evict(self, request: web.Request) -> web.Response:
         body = await _body(request, p.EvictRequest)
-        uri = self.fetcher.origin.resolve(body.uri)
+        uri = self._resolve(body.uri)
         store = self.fetcher.store
         prefix = uri.rstrip("/") + "/"
         evicted, freed, busy = [], 0, []
@@ -247,7 +270,7 @@ class ControlAPI:
         elif body.uri is None:
             raise UsageError("ensure needs a uri, or the lease of an earlier ensure")
         else:
-            f = await self.fetcher.open(self.fetcher.origin.resolve(body.uri))
+            f = await self.fetcher.open(self._resolve(body.uri))
             lease = self.leases.create(f)
         f = lease.file
         size = f.info.size
@@ -308,7 +331,7 @@ class ControlAPI:
             lease = self.leases.get(q["lease"])
             f = lease.file
         else:
-            f = await self.fetcher.open(self.fetcher.origin.resolve(q["uri"]))
+            f = await self.fetcher.open(self._resolve(q["uri"]))
         offset = int(q.get("offset", 0))
         length = int(q["length"]) if "length" in q else f.info.size - offset
         if offset < 0 or length < 0 or offset + length > f.info.size:
