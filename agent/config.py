@@ -302,11 +302,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("p2p_insecure", parse_bool, False,
             "allow P2P without TLS on a non-loopback address (anyone who reaches the ports can "
             "read and offer chunks); warned at start and in coldbrew_p2p_insecure"),
-    Setting("p2p_manifests", lambda s: _choice(str(s).strip().lower(), ("checked", "published")),
-            "checked",
-            "which file manifests are trusted: 'checked' (published in the bucket, built here, or "
-            "from a member and checked against the origin's checksum) or 'published' (no peer-built "
-            "manifest at all)"),
     Setting("log_format", lambda s: _choice(s, ("json", "text")), "json", "json or text"),
     Setting("log_level", lambda s: _choice(str(s).upper(), ("DEBUG", "INFO", "WARNING", "ERROR")),
             "INFO", "DEBUG, INFO, WARNING or ERROR"),
@@ -364,7 +359,6 @@ class AgentConfig:
     p2p_chunk_timeout_s: float
     p2p_tls_dir: Path | None
     p2p_insecure: bool
-    p2p_manifests: str
     log_format: str
     log_level: str
 

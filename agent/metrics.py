@@ -82,10 +82,6 @@ class AgentMetrics:
         self.p2p_manifests = Counter(
             "coldbrew_p2p_manifests", "File manifests found, by where (sidecar, peer, built)",
             ["source"], registry=r)
-        self.p2p_manifests_rejected = Counter(
-            "coldbrew_p2p_manifests_rejected",
-            "Peer manifests dropped because the origin's own checksum disagreed with the file they "
-            "vouched for (the member that sent it is banned)", registry=r)
         self.p2p_insecure = Gauge(
             "coldbrew_p2p_insecure",
             "1 when P2P runs without TLS on a non-loopback address (p2p_insecure = true)", registry=r)
