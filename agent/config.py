@@ -216,6 +216,9 @@ class Setting:
         return "--" + self.name.replace("_", "-")
 
 
+#: The ``p2p_manifests`` choices, most trusting first (docs/security.md, Manifests).
+MANIFEST_POLICIES = ("members", "checked", "published")
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("origin", parse_origin, None,
             "where models live: s3://bucket/prefix or any fsspec URL (required)", required=True),
@@ -302,6 +305,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("p2p_insecure", parse_bool, False,
             "allow P2P without TLS on a non-loopback address (anyone who reaches the ports can "
             "read and offer chunks); warned at start and in coldbrew_p2p_insecure"),
+    Setting("p2p_manifests", lambda s: _choice(s, MANIFEST_POLICIES), "members",
+            "which manifests of other agents to use: members (any cluster member's, checked "
+            "against the origin's checksum where it has one), checked (only those the origin can "
+            "check), published (none: only `coldbrew publish` sidecars and our own)"),
     Setting("log_format", lambda s: _choice(s, ("json", "text")), "json", "json or text"),
     Setting("log_level", lambda s: _choice(str(s).upper(), ("DEBUG", "INFO", "WARNING", "ERROR")),
             "INFO", "DEBUG, INFO, WARNING or ERROR"),
@@ -359,6 +366,7 @@ class AgentConfig:
     p2p_chunk_timeout_s: float
     p2p_tls_dir: Path | None
     p2p_insecure: bool
+    p2p_manifests: str
     log_format: str
     log_level: str
 

@@ -160,6 +160,14 @@ class CorruptData(ColdbrewError, OSError):
     errno_code = errno.EIO
 
 
+class ManifestRejected(CorruptData):
+    """A peer's manifest, and the bytes it vouched for, did not match the origin's own
+    checksum of the object: they were dropped and the file is fetched again."""
+
+    kind = "manifest_rejected"
+    errno_code = errno.EIO
+
+
 class CacheError(ColdbrewError, OSError):
     """The local cache disk failed (full, read-only, I/O error).
 

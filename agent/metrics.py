@@ -82,6 +82,10 @@ class AgentMetrics:
         self.p2p_manifests = Counter(
             "coldbrew_p2p_manifests", "File manifests found, by where (sidecar, peer, built)",
             ["source"], registry=r)
+        self.p2p_manifest_checks = Counter(
+            "coldbrew_p2p_manifest_checks",
+            "Peers' manifests checked end to end against the origin's own checksum, by result "
+            "(match, mismatch)", ["result"], registry=r)
         self.p2p_insecure = Gauge(
             "coldbrew_p2p_insecure",
             "1 when P2P runs without TLS on a non-loopback address (p2p_insecure = true)", registry=r)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from coldbrew.agent.cache.verify import intact_pieces
 from coldbrew.agent.core.manifest import FileIdentity, digest
 from coldbrew.agent.errors import (
+    AgentError,
     AgentUnavailable,
     CorruptData,
     HeaderError,
@@ -417,7 +418,22 @@ class AgentSource(Source):
             raise ObjectChanged(f"{self.name}: the agent's stream of bytes {begin}-{end} ended early")
 
     async def finish(self) -> None:
-        await self.close()
+        """The agent's last word on the bytes read: a file filled under a peer's manifest is
+        checked against the origin before its tensors are handed over (raises if it failed)."""
+        try:
+            if self.lease is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self._verify, self.lease)
+        finally:
+            await self.close()
+
+    def _verify(self, lease: str) -> None:
+        try:
+            self.client.verify(lease)
+        except AgentError as e:
+            if "404" not in str(e):
+                raise
+            # An agent older than /v1/verify checks nothing more: there is nothing to wait for.
+            log.info("coldbrew.loader: the agent has no /v1/verify (an older version)")
 
     async def close(self) -> None:
         if self.lease is not None:

@@ -64,6 +64,8 @@ SAMPLES: list[p.Message] = [
     p.ReleaseReply(released=True),
     p.CorruptRequest(lease="c0ffee", index=3),
     p.CorruptReply(index=3, was_corrupt=False),
+    p.VerifyRequest(lease="c0ffee"),
+    p.VerifyReply(uri="s3://models/a.safetensors", trust="checked"),
 ]
 
 

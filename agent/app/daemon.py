@@ -211,7 +211,8 @@ class Agent:
 
         directory = PeerDirectory(self.agent_id, cfg.peers, cfg.peers_dns, cfg.p2p_port,
                                   cfg.peers_refresh_s, peers_changed, tls=tls)
-        self.sharing = Sharing(swarm, directory, self.store, self.origin, self.metrics)
+        self.sharing = Sharing(swarm, directory, self.store, self.origin, self.metrics,
+                               cfg.p2p_manifests)
         await self.sharing.start()
         runner = web.AppRunner(self.sharing.peer_app(self.agent_id), access_log=None)
         await runner.setup()

@@ -13,6 +13,8 @@ Layout (a versioned contract — the version is in the path; tests pin it)::
                                  "<index> -\\n" after it was dropped; the last line per chunk wins
             pieces               "<index> <sha1>\\n": BitTorrent piece hashes (P2P on only)
             manifest.json        the file's whole manifest, once every piece hash is known
+            unchecked            present while a peer's manifest is not yet checked against
+                                 the origin: a restart drops the entry's chunks
             used                 empty; its mtime is the entry's last use (for LRU)
 
 Recovery. At start the lock is taken, ``tmp/`` and entries whose ``meta.json`` never
@@ -48,6 +50,8 @@ LAYOUT_VERSION = "coldbrew-v2"
 OLD_LAYOUTS = ("coldbrew-v1",)
 #: meta.json's own format number (inside the layout version).
 META_FORMAT = 2
+#: The mark of an entry filled under a peer's manifest not yet checked (see the layout).
+UNCHECKED = "unchecked"
 
 
 def read_journal(path: Path) -> list[bytes]:
@@ -159,6 +163,10 @@ class CacheDir:
             shutil.rmtree(path, ignore_errors=True)
             return None
         layout = entry.layout
+        if (path / UNCHECKED).exists():  # a member's manifest was never checked: start clean
+            log.warning("dropping chunks that an unchecked peer manifest vouched for",
+                        extra={"uri": identity.uri})
+            self.clear_chunks(entry)
         entry.digests, entry.present = replay_journal(read_journal(path / "journal"), layout.count)
         entry.sha1s = parse_journal(read_journal(path / "pieces"), layout.count, width=40)
         try:
@@ -250,6 +258,32 @@ class CacheDir:
             entry.note_own_write(os.fstat(fd))
         finally:
             os.close(fd)
+
+    def clear_chunks(self, entry: Entry) -> None:
+        """Forget every chunk, digest and piece hash of ``entry``, on disk: empty journals, a
+        hole for a data file, no manifest, no :data:`UNCHECKED` mark (that last)."""
+        for name in ("journal", "pieces"):
+            self._atomic_write(entry.path / name, b"")
+        with contextlib.suppress(FileNotFoundError):
+            (entry.path / "manifest.json").unlink()
+        with contextlib.suppress(OSError):
+            fd = os.open(entry.data_path, os.O_WRONLY)
+            try:
+                punch_hole(fd, 0, entry.identity.size)
+                entry.note_own_write(os.fstat(fd))
+            finally:
+                os.close(fd)
+        self.set_unchecked(entry, False)
+
+    @staticmethod
+    def set_unchecked(entry: Entry, unchecked: bool) -> None:
+        """Mark ``entry`` as filled under a peer's manifest not yet checked against the origin
+        (a restart then drops its chunks), or clear the mark."""
+        if unchecked:
+            (entry.path / UNCHECKED).touch()
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                (entry.path / UNCHECKED).unlink()
 
     # --- manifests -----------------------------------------------------------------------------
 

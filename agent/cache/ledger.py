@@ -71,3 +71,21 @@ class Ledger:
                 self.space.count_out(entry.layout.length(index))
         self.disk.forget_chunk(entry, index)
         self.space.publish()
+
+    def clear(self, entry: Entry) -> None:
+        """Forget every chunk of ``entry`` and every digest and piece hash ever verified for
+        it: they came under a manifest found to lie, so none may judge new bytes."""
+        with self.index.lock:
+            self.index.notify(entry)
+            self.space.count_out(sum(entry.layout.length(i) for i in entry.present))
+            entry.present.clear()
+            entry.digests.clear()
+            entry.sha1s.clear()
+            entry.stamps.clear()
+            entry.known_good.clear()
+        try:
+            self.disk.clear_chunks(entry)
+        except OSError as e:
+            raise self.write_error(e, entry) from e
+        finally:
+            self.space.publish()

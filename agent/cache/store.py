@@ -263,6 +263,19 @@ class ChunkStore:
     def load_manifest(self, entry: Entry) -> Manifest | None:
         return self.disk.load_manifest(entry)
 
+    def set_unchecked(self, entry: Entry, unchecked: bool) -> None:
+        """Mark ``entry`` as being filled under a peer's manifest the origin has not yet
+        confirmed (a restart drops its chunks), or clear the mark once it has."""
+        try:
+            self.disk.set_unchecked(entry, unchecked)
+        except OSError as e:
+            raise self.ledger.write_error(e, entry) from e
+
+    def clear(self, entry: Entry) -> None:
+        """Drop every chunk of ``entry`` and forget every digest and piece hash known for it
+        (a peer's manifest for it lied). The entry stays, empty, for its readers."""
+        self.ledger.clear(entry)
+
     # --- capacity and eviction (:mod:`.space`) -----------------------------------------
 
     def capacity(self) -> int:

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from typing import Any
 
-    from .protocol import Chunk, CorruptReply, EnsureReply, LsReply
+    from .protocol import Chunk, CorruptReply, EnsureReply, LsReply, VerifyReply
 
 DEFAULT_SOCKET = "/run/coldbrew/agent.sock"
 _WINDOW_BYTES = 64 << 20  # ask for this much per ensure: few round trips, early start
@@ -138,6 +138,14 @@ class AgentClient:
         from .protocol import CorruptReply
 
         return CorruptReply.from_json(data)
+
+    def verify(self, lease: str) -> VerifyReply:
+        """Wait for the agent's last checks of the leased file (see :class:`VerifyRequest`);
+        raises :class:`~coldbrew.agent.errors.ManifestRejected` if its bytes were false."""
+        data = self.request("POST", "/v1/verify", {"lease": lease}, timeout=None)
+        from .protocol import VerifyReply
+
+        return VerifyReply.from_json(data)
 
     def release(self, lease: str) -> None:
         self.request("POST", f"/v1/leases/{lease}/release")

@@ -26,6 +26,9 @@ class Lease:
     id: str
     file: OpenFile
     expires: float
+    #: The file's rejections when the lease began (:meth:`Fetcher.rejections`): one more by
+    #: the end means bytes read under it may have been false.
+    rejections: int = 0
     #: Chunks an ensure fetched but the cache could not store (disk full or failing), kept
     #: for this lease's next read of them, which would otherwise fetch them again.
     uncached: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
@@ -45,7 +48,8 @@ class Leases:
         self._leases: dict[str, Lease] = {}
 
     def create(self, f: OpenFile) -> Lease:
-        lease = Lease(secrets.token_hex(8), f, time.monotonic() + LEASE_TTL_S)
+        lease = Lease(secrets.token_hex(8), f, time.monotonic() + LEASE_TTL_S,
+                      self.fetcher.rejections(f.entry))
         self.fetcher.store.pin(f.entry)
         self._leases[lease.id] = lease
         return lease

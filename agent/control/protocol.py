@@ -344,6 +344,24 @@ class CorruptRequest(Message):
 
 
 @dataclass(frozen=True)
+class VerifyRequest(Message):
+    """``POST /v1/verify``: wait until every check the agent owes the leased file's bytes
+    is done (a peer's manifest on probation: the whole file fetched and checked against the
+    origin). An error reply (``manifest_rejected``) means the bytes read were not the
+    object's."""
+
+    lease: str
+
+
+@dataclass(frozen=True)
+class VerifyReply(Message):
+    uri: str
+    #: Why the cached bytes can be trusted: origin (digests made here from origin bytes),
+    #: kept, published, built, checked (a peer's manifest the origin confirmed) or member.
+    trust: str
+
+
+@dataclass(frozen=True)
 class CorruptReply(Message):
     index: int
     #: Whether the agent saw the corruption too (then it dropped and fetched the chunk again).

@@ -123,6 +123,7 @@ class ControlAPI:
         r.add_post("/v1/ensure", self.ensure)
         r.add_post("/v1/leases/{id}/release", self.release)
         r.add_post("/v1/corrupt", self.corrupt)
+        r.add_post("/v1/verify", self.verify)
         r.add_get("/v1/read", self.read)
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
@@ -207,10 +208,12 @@ class ControlAPI:
         store = self.fetcher.store
         if uri:
             infos = await self.fetcher.origin.expand(self._resolve(uri))
-            files = [file_status(info.uri, info.etag, info.size, store.find(info.identity.key()))
-                     for info in infos]
+            found = [(info, store.find(info.identity.key())) for info in infos]
+            files = [file_status(info.uri, info.etag, info.size, e,
+                                 e is not None and self.fetcher.unchecked(e)) for info, e in found]
         else:
-            files = [file_status(e.identity.uri, e.identity.etag, e.identity.size, e)
+            files = [file_status(e.identity.uri, e.identity.etag, e.identity.size, e,
+                                 self.fetcher.unchecked(e))
                      for e in sorted(store.entries(), key=lambda e: e.identity.uri)]
         return _reply(p.StatusReply(tuple(files), self._agent_totals()))
 
@@ -324,6 +327,12 @@ class ControlAPI:
             await self.fetcher.ensure(f, body.index, Priority.READ)
         return _reply(p.CorruptReply(index=body.index, was_corrupt=not intact))
 
+    async def verify(self, request: web.Request) -> web.Response:
+        body = await _body(request, p.VerifyRequest)
+        lease = self.leases.get(body.lease)
+        trust = await self.fetcher.trust(lease.file, since=lease.rejections)
+        return _reply(p.VerifyReply(uri=lease.file.info.uri, trust=trust))
+
     async def read(self, request: web.Request) -> web.StreamResponse:
         q = request.query
         lease: Lease | None = None
@@ -389,13 +398,15 @@ def job_reply(job: PrewarmJob) -> p.Job:
     return p.Job.from_json(job.to_json())
 
 
-def file_status(uri: str, etag: str, size: int, entry: Any) -> p.FileStatus:
-    """One file version and the cache ``entry`` holding it (None: not cached)."""
+def file_status(uri: str, etag: str, size: int, entry: Any, unchecked: bool = False
+                ) -> p.FileStatus:
+    """One file version and the cache ``entry`` holding it (None: not cached); ``unchecked``:
+    its bytes still owe a check (a peer's manifest on probation), so it is not complete yet."""
     cached = entry.cached_bytes if entry else 0
     return p.FileStatus(uri=uri, etag=etag, size=size, cached_bytes=cached,
                         chunks=entry.layout.count if entry else None,
                         chunks_cached=len(entry.present) if entry else 0,
-                        complete=cached == size)
+                        complete=cached == size and not unchecked)
 
 
 async def _body(request: web.Request, message: type[M]) -> M:

@@ -19,8 +19,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from ..cache.store import ChunkStore
-from ..errors import CacheError, ColdbrewError, CorruptData, ObjectChanged
+from ..cache.store import ChunkStore, Entry
+from ..errors import CacheError, ColdbrewError, CorruptData, ManifestRejected, ObjectChanged
 from ..metrics import AgentMetrics
 from ..origin.origin import ObjectInfo, Origin
 from .origin_source import OriginSource
@@ -151,6 +151,38 @@ class Fetcher:
                 if answer is Outcome.GAVE_UP:
                     request.final = True  # peers too slow: the origin, no second thoughts
         raise ColdbrewError(f"{request.file.info.uri}: no source could provide chunk {request.index}")
+
+    def unchecked(self, entry: Entry) -> bool:
+        """Does a source still owe ``entry``'s bytes a check (see :meth:`trust`)?"""
+        return any(source.unchecked(entry) for source in self.sources)
+
+    def rejections(self, entry: Entry) -> int:
+        """How often bytes of ``entry`` were found false after they were cached."""
+        return sum(source.rejections(entry) for source in self.sources)
+
+    async def trust(self, f: OpenFile, since: int | None = None) -> str:
+        """Why ``f``'s cached bytes can be trusted, once every check a source still owes them
+        is done: a source with bytes on probation has the whole file fetched and checked
+        first. ``origin``: nothing but the origin vouched for them (digests made here).
+
+        Raises :class:`ManifestRejected` if a check fails, or if bytes were found false
+        since the reader began (``since``: :meth:`rejections` then).
+        """
+        verdict = "origin"
+        for source in self.sources:
+            if source.unchecked(f.entry):
+                missing = [i for i in range(f.entry.layout.count) if not self.store.has(f.entry, i)]
+                await self.ensure_all(f, missing, Priority.READ)
+            found = await source.verdict(f)
+            if found is not None:
+                verdict = found
+                break
+        if since is not None and self.rejections(f.entry) != since:
+            raise ManifestRejected(
+                f"{f.info.uri}: bytes of it that came from peers were found false while it was "
+                "being read (a peer's manifest the origin refuted); they were dropped and the "
+                "file is fetched again: load it again")
+        return verdict
 
     async def verify(self, f: OpenFile, index: int) -> bool:
         """Check a present chunk against its digest (mmap, no copy); drop it if corrupt."""

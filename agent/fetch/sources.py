@@ -116,6 +116,20 @@ class ChunkSource(ABC):
     def completed(self, f: OpenFile) -> None:  # noqa: B027 - a hook most sources need not hear
         """Every chunk of ``f`` is in the cache now."""
 
+    def unchecked(self, entry: Entry) -> bool:
+        """Are ``entry``'s bytes from this source still to be checked once it is whole?"""
+        return False
+
+    def rejections(self, entry: Entry) -> int:
+        """How often this source's bytes of ``entry`` were found false once cached."""
+        return 0
+
+    async def verdict(self, f: OpenFile) -> str | None:
+        """Why this source's bytes of ``f`` can be trusted (waiting for a check under way), or
+        None if it gave none. Raises :class:`~coldbrew.agent.errors.CorruptData` if a check
+        found them false."""
+        return None
+
 
 class CacheSource(ChunkSource):
     """The node cache: the chunk is there or it is not. First in every round, so a chunk

@@ -30,6 +30,7 @@ import fsspec
 
 from ..config import OriginSettings
 from ..core.manifest import SIDECAR_DIR, FileIdentity, is_sidecar
+from ..core.vouch import Vouch, from_s3_head, multipart_count
 from ..errors import (
     AccessDenied,
     BucketNotFound,
@@ -401,6 +402,29 @@ class Origin:
         await self._call("put", uri, pipe)
 
     # --- data -----------------------------------------------------------------
+
+    async def vouch(self, obj: ObjectInfo) -> Vouch | None:
+        """What the origin vouches for about ``obj``'s bytes (a digest of them), or None where
+        it says nothing checkable: another protocol, an SSE-KMS ETag, a multipart object whose
+        part sizes cannot be read, or the object replaced since ``obj`` was seen."""
+        if not self.is_s3:
+            return None
+        bucket, key = self._bucket_key(obj.uri)
+        loop = asyncio.get_running_loop()
+        head = await self._call("head", obj.uri, lambda: loop.run_in_executor(
+            self._data_pool, functools.partial(self._data.head, bucket, key, checksums=True)))
+        if _etag_of(head) != obj.etag or int(head["ContentLength"]) != obj.size:
+            return None
+        sizes: list[int] | None = None
+        if multipart_count(obj.etag):
+            try:
+                sizes = await self._call("head", obj.uri, lambda: loop.run_in_executor(
+                    self._data_pool, self._data.part_sizes, bucket, key, obj.etag))
+            except ColdbrewError as e:  # not every S3 implements GetObjectAttributes
+                log.info("no part sizes for a multipart ETag check",
+                         extra={"uri": obj.uri, "error": str(e)})
+        return from_s3_head(obj.size, obj.etag, head.get("ChecksumSHA256"),
+                            head.get("ChecksumType"), sizes)
 
     async def read_into(self, obj: ObjectInfo, start: int, buf: memoryview) -> None:
         """Fill ``buf`` with bytes [start, start+len(buf)) of ``obj``, retrying transient faults."""

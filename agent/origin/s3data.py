@@ -94,12 +94,35 @@ class S3RangeReader:
             _finish(resp, raw, filled == len(buf) and wakeups.down)
         return filled, resp.get("ETag", etag)
 
-    def head(self, bucket: str, key: str) -> dict[str, Any]:
-        """HEAD one object: ``ContentLength``, ``ETag``, ``LastModified``..."""
+    def head(self, bucket: str, key: str, checksums: bool = False) -> dict[str, Any]:
+        """HEAD one object: ``ContentLength``, ``ETag``, ``LastModified``... and with
+        ``checksums`` the content checksums the upload stored (``ChecksumSHA256``...)."""
+        if checksums:
+            return self._client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
         return self._client.head_object(Bucket=bucket, Key=key)
+
+    def part_sizes(self, bucket: str, key: str, etag: str) -> list[int]:
+        """The sizes of a multipart object's parts, in order (``GetObjectAttributes``)."""
+        sizes: list[int] = []
+        marker = 0
+        while True:
+            resp = self._client.get_object_attributes(
+                Bucket=bucket, Key=key, ObjectAttributes=["ObjectParts"], MaxParts=1000,
+                PartNumberMarker=marker)
+            if _etag_text(resp.get("ETag", etag)) != _etag_text(etag):
+                return []  # replaced meanwhile: no check rather than a false one
+            parts = resp.get("ObjectParts") or {}
+            sizes += [int(part["Size"]) for part in parts.get("Parts") or []]
+            if not parts.get("IsTruncated") or len(sizes) >= 10_000:
+                return sizes
+            marker = int(parts.get("NextPartNumberMarker") or 0)
 
     def close(self) -> None:
         self._client.close()
+
+
+def _etag_text(etag: str) -> str:
+    return etag.strip().strip('"')
 
 
 #: Most bytes asked of urllib3's own ``readinto`` at once (see :func:`_fill`).

@@ -12,6 +12,7 @@ come and go, and a peer that stops answering is dropped.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from .tls import PeerTLS
 log = logging.getLogger("coldbrew.discovery")
 
 HELLO_TIMEOUT_S = 2.0
+#: Largest peer answer read: a manifest of 100 GB in 1 MiB chunks is ~8 MB of JSON.
+MAX_ANSWER_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class PeerDirectory:
         self.refresh_s = refresh_s
         self.on_change = on_change
         self.peers: dict[str, Peer] = {}
+        self.banned: set[str] = set()
         self.unreachable: list[str] = []
         self._http: aiohttp.ClientSession | None = None
 
@@ -69,7 +73,8 @@ class PeerDirectory:
     async def refresh(self) -> None:
         candidates = await self._candidates()
         answers = await asyncio.gather(*(self._hello(h, p) for h, p in candidates))
-        found = {peer.agent_id: peer for peer in answers if peer is not None}
+        found = {peer.agent_id: peer for peer in answers
+                 if peer is not None and peer.agent_id not in self.banned}
         self.unreachable = [f"{h}:{p}" for (h, p), a in zip(candidates, answers) if a is None]
         if found.keys() != self.peers.keys():
             gone, new = self.peers.keys() - found.keys(), found.keys() - self.peers.keys()
@@ -103,14 +108,29 @@ class PeerDirectory:
             return None
         return Peer(agent_id, base, (ip, bt_port))
 
+    def ban(self, agent_id: str) -> None:
+        """Never ask ``agent_id`` anything again, nor count it as a peer (it lied to us)."""
+        self.banned.add(agent_id)
+        if self.peers.pop(agent_id, None) is not None:
+            self.on_change(dict(self.peers))
+
     async def fetch_json(self, path: str) -> list[tuple[Peer, dict[str, Any]]]:
-        """``GET path`` from every peer at once; (peer, JSON body) of those answering 200."""
+        """``GET path`` from every peer at once; (peer, JSON object) of those answering 200
+        with one of at most :data:`MAX_ANSWER_BYTES`. Any other answer counts as none."""
         async def one(peer: Peer) -> dict[str, Any] | None:
             try:
                 async with self.http.get(peer.base_url + path) as resp:
-                    return await resp.json() if resp.status == 200 else None
+                    if resp.status != 200 or (resp.content_length or 0) > MAX_ANSWER_BYTES:
+                        return None
+                    raw = await resp.content.read(MAX_ANSWER_BYTES + 1)
+                    if len(raw) > MAX_ANSWER_BYTES:
+                        log.warning("peer answer too large; ignored",
+                                    extra={"peer": peer.agent_id, "path": path})
+                        return None
+                body = json.loads(raw)
             except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
                 return None
+            return body if isinstance(body, dict) else None
 
         peers = list(self.peers.values())
         answers = await asyncio.gather(*(one(p) for p in peers))

@@ -10,16 +10,19 @@ libtorrent rather than the store. The same torrent serves every round of one fet
 
 from __future__ import annotations
 
+from ..cache.entry import Entry
+from ..errors import CacheError, ObjectChanged
 from ..fetch.sources import Answer, ChunkRequest, ChunkSource, OpenFile, Outcome
 from .sharing import Sharing
-from .swarm import Swarm, Torrent
+from .swarm import Torrent
 
 
 class TorrentChunk:
     """Chunk ``index`` of a torrent, as the origin step sees it (a ``SharedChunk``)."""
 
-    def __init__(self, swarm: Swarm, torrent: Torrent, index: int) -> None:
-        self.swarm = swarm
+    def __init__(self, sharing: Sharing, torrent: Torrent, index: int) -> None:
+        self.sharing = sharing
+        self.swarm = sharing.swarm
         self.torrent = torrent
         self.index = index
 
@@ -35,7 +38,15 @@ class TorrentChunk:
 
     async def put(self, piece: bytes) -> None:
         # libtorrent owns a shared entry's data file: the bytes go in through it.
-        await self.swarm.put_piece(self.torrent, self.index, piece)
+        try:
+            await self.swarm.put_piece(self.torrent, self.index, piece)
+        except ObjectChanged:
+            if not self.sharing.refute(self.torrent.key):
+                raise
+            # The origin's bytes are right by definition: the peer's manifest lied.
+            raise CacheError(f"{self.torrent.entry.identity.uri}: chunk {self.index} from the "
+                             "origin fails the piece hash a peer's manifest gave; that manifest "
+                             "is rejected, the chunk served from memory") from None
 
 
 class PeerSource(ChunkSource):
@@ -50,7 +61,7 @@ class PeerSource(ChunkSource):
             torrent = await self.sharing.torrent_for(request.file)
             if torrent is None:
                 return Outcome.PASS  # not shared (yet): the origin it is
-            chunk = request.shared = TorrentChunk(self.sharing.swarm, torrent, request.index)
+            chunk = request.shared = TorrentChunk(self.sharing, torrent, request.index)
         return await chunk.from_peers()
 
     def prepare(self, f: OpenFile) -> None:
@@ -58,4 +69,13 @@ class PeerSource(ChunkSource):
 
     def completed(self, f: OpenFile) -> None:
         self.sharing.completed(f)
+
+    def unchecked(self, entry: Entry) -> bool:
+        return self.sharing.unchecked(entry)
+
+    def rejections(self, entry: Entry) -> int:
+        return self.sharing.rejections.get(entry.key, 0)
+
+    async def verdict(self, f: OpenFile) -> str | None:
+        return await self.sharing.verdict(f)
 

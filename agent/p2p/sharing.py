@@ -11,7 +11,10 @@ covers them all). The manifest that carries them is found, in order:
    computed as the chunks are written), and then offered to peers through (3).
 
 Whatever a peer or the origin says is checked against the object's own identity
-(URI, ETag, size) and this agent's chunk size before it is used.
+(URI, ETag, size) and this agent's chunk size before it is used. A manifest from a peer
+(3) is more than that: its piece hashes are what the peers' bytes are checked against, so
+it is on probation until the file's bytes match what the origin itself vouches for
+(:mod:`.trust`), or refused outright under ``p2p_manifests`` (docs/security.md, Manifests).
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ from aiohttp import web
 from ... import __version__
 from ..cache.store import ChunkStore, Entry
 from ..core.manifest import Manifest, sidecar_uri
+from ..errors import ColdbrewError, CorruptData, ManifestRejected
 from ..fetch.sources import OpenFile
 from ..metrics import AgentMetrics
 from ..origin.origin import Origin
-from .discovery import PeerDirectory
+from .discovery import Peer, PeerDirectory
 from .membership import FIRST_S
 from .swarm import Swarm, Torrent
+from .trust import Probation, settle
 
 log = logging.getLogger("coldbrew.sharing")
 
@@ -50,8 +55,9 @@ LOOKUP_WAIT_S = 3.0
 
 class Sharing:
     def __init__(self, swarm: Swarm, directory: PeerDirectory, store: ChunkStore, origin: Origin,
-                 metrics: AgentMetrics) -> None:
+                 metrics: AgentMetrics, policy: str = "members") -> None:
         self.swarm = swarm
+        self.policy = policy  # p2p_manifests: members, checked or published
         self.directory = directory
         self.store = store
         self.origin = origin
@@ -62,6 +68,12 @@ class Sharing:
         self._building: dict[str, asyncio.Task[None]] = {}
         self._warned_chunk_size: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
+        #: Peers' manifests not yet checked against the origin (entry key → probation).
+        self._probation: dict[str, Probation] = {}
+        #: Why a shared file's manifest is trusted: kept, published, built, checked, member.
+        self.trust: dict[str, str] = {}
+        #: How many of a file's peer manifests the origin refuted (entry key → count).
+        self.rejections: dict[str, int] = {}
         store.on_change.append(self._entry_changed)
 
     def _entry_changed(self, entry: Entry) -> None:
@@ -102,11 +114,7 @@ class Sharing:
     async def _lookup(self, f: OpenFile) -> Torrent | None:
         key = f.entry.key
         try:
-            manifest = await asyncio.to_thread(self.store.load_manifest, f.entry)
-            if manifest is None:
-                manifest = await self._from_sidecar(f) or await self._from_peers(f)
-                if manifest is not None:
-                    await asyncio.to_thread(self._save, f.entry, manifest)
+            manifest = await self._manifest_for(f)
             if manifest is None:
                 self._missed[key] = time.monotonic()
                 return None
@@ -118,6 +126,127 @@ class Sharing:
             return None
         finally:
             self._lookups.pop(key, None)
+
+    async def _manifest_for(self, f: OpenFile) -> Manifest | None:
+        """The file's manifest, from the first place that has one we may trust."""
+        key = f.entry.key
+        probation = self._probation.get(key)
+        if probation is not None:  # still being checked (a lost chunk detached the torrent)
+            return probation.manifest
+        manifest = await asyncio.to_thread(self.store.load_manifest, f.entry)
+        if manifest is not None:
+            self.trust.setdefault(key, "kept")
+            return manifest
+        manifest = await self._from_sidecar(f)
+        if manifest is not None:
+            self.trust[key] = "published"
+        elif self.policy != "published":
+            found = await self._from_peers(f)
+            manifest = await self._admit(f, *found) if found is not None else None
+            if manifest is None or key in self._probation:
+                return manifest  # not kept on disk until the origin confirmed it
+        if manifest is not None:
+            await asyncio.to_thread(self._save, f.entry, manifest)
+        return manifest
+
+    async def _admit(self, f: OpenFile, manifest: Manifest, peer: Peer) -> Manifest | None:
+        """A member's manifest: on probation where the origin vouches for the bytes, else
+        taken on the member's word (``p2p_manifests = members``) or refused (``checked``)."""
+        try:
+            vouch = await self.origin.vouch(f.info)
+        except ColdbrewError as e:
+            log.info("cannot ask the origin for a checksum", extra={"uri": f.info.uri,
+                                                                     "error": str(e)})
+            vouch = None
+        if vouch is None:
+            if self.policy == "checked":
+                log.info("a peer's manifest is not used: the origin has no checksum to check it "
+                         "against (p2p_manifests = checked)", extra={"uri": f.info.uri})
+                return None
+            self.trust[f.entry.key] = "member"
+            return manifest
+        await asyncio.to_thread(self.store.set_unchecked, f.entry, True)
+        probation = Probation(f.entry, manifest, peer.agent_id, vouch)
+        self._probation[f.entry.key] = probation
+        task = asyncio.create_task(self._judge(probation))
+        self._background = {t for t in self._background if not t.done()} | {task}
+        return manifest
+
+    async def _judge(self, p: Probation) -> None:
+        """Check ``p``'s file as it fills, then keep its manifest or reject it and its bytes."""
+        entry, key = p.entry, p.entry.key
+
+        def alive() -> bool:
+            return (self.store.find(key) is entry and self._probation.get(key) is p
+                    and not p.refuted)
+
+        try:
+            ok = await settle(p, alive)
+        except Exception as e:  # the data file unreadable: nothing vouched for, nothing kept
+            log.warning("cannot check a peer's manifest; the file is fetched again",
+                        extra={"uri": entry.identity.uri, "error": str(e)})
+            ok = None
+        finally:
+            if self._probation.get(key) is p:
+                del self._probation[key]
+        if p.refuted:
+            ok = False
+        try:
+            if ok:
+                await asyncio.to_thread(self.store.set_unchecked, entry, False)
+                await asyncio.to_thread(self._save, entry, p.manifest)
+                self.trust[key] = "checked"
+                self.metrics.p2p_manifest_checks.labels("match").inc()
+                log.info("a peer's manifest matches the origin", extra={
+                    "uri": entry.identity.uri, "peer": p.member, "check": p.vouch.source})
+            elif self.store.find(key) is entry:
+                if ok is False:
+                    self._reject(p)
+                # Unchecked bytes are not kept, and whoever read them hears so (trust()).
+                self.rejections[key] = self.rejections.get(key, 0) + 1
+                await asyncio.to_thread(self.store.clear, entry)
+        finally:
+            p.verdict.set_result(bool(ok) if ok is not None else None)
+
+    def _reject(self, p: Probation) -> None:
+        self.metrics.p2p_manifest_checks.labels("mismatch").inc()
+        self.metrics.p2p_peers_banned.inc()
+        self.directory.ban(p.member)
+        self.trust.pop(p.entry.key, None)
+        log.error("a peer's manifest and bytes do not match the origin: dropped, the peer is "
+                  "banned, the file is fetched again from the origin", extra={
+                      "uri": p.entry.identity.uri, "peer": p.member, "check": p.vouch.source})
+
+    def refute(self, key: str) -> bool:
+        """The origin's bytes of a chunk of ``key`` failed its manifest's piece hash. If that
+        manifest is a peer's on probation, it is proven false: True, and it is rejected."""
+        p = self._probation.get(key)
+        if p is None:
+            return False
+        p.refuted = True  # the check sees it and rejects it (within trust.POLL_S)
+        return True
+
+    def unchecked(self, entry: Entry) -> bool:
+        """Is ``entry`` being filled under a peer's manifest the origin has not yet confirmed?"""
+        return entry.key in self._probation
+
+    async def verdict(self, f: OpenFile) -> str | None:
+        """Why ``f``'s bytes can be trusted (see :attr:`trust`), waiting for its check if one
+        is under way (the caller makes the file whole); None if it is not shared. Raises
+        :class:`ManifestRejected` when the check found a peer's manifest lying."""
+        p = self._probation.get(f.entry.key)
+        if p is None:
+            return self.trust.get(f.entry.key)
+        ok = await asyncio.shield(p.verdict)
+        if ok:
+            return "checked"
+        if ok is False:
+            raise ManifestRejected(
+                f"{f.info.uri}: the manifest and bytes agent {p.member} sent do not match "
+                f"{p.what}; they were dropped, that agent is banned, and the file is fetched "
+                "again from the origin: load it again")
+        raise CorruptData(f"{f.info.uri} left the cache before its bytes from peers were "
+                          "checked against the origin: load it again")
 
     def _attach(self, entry: Entry, manifest: Manifest) -> Torrent | None:
         if self.store.find(entry.key) is not entry:
@@ -181,15 +310,15 @@ class Sharing:
         self.metrics.p2p_manifests.labels("sidecar").inc()
         return manifest
 
-    async def _from_peers(self, f: OpenFile) -> Manifest | None:
-        for _, body in await self.directory.fetch_json(f"/v1/peer/manifests/{f.entry.key}"):
+    async def _from_peers(self, f: OpenFile) -> tuple[Manifest, Peer] | None:
+        for peer, body in await self.directory.fetch_json(f"/v1/peer/manifests/{f.entry.key}"):
             try:
                 manifest = Manifest.from_json(body)
             except (ValueError, KeyError, TypeError):
-                continue
+                continue  # one malformed answer: ask the next peer
             if self._usable(manifest, f, "a peer"):
                 self.metrics.p2p_manifests.labels("peer").inc()
-                return manifest
+                return manifest, peer
         return None
 
     async def _expect_peers(self, t: Torrent) -> None:
@@ -220,6 +349,7 @@ class Sharing:
             if manifest is not None and self.swarm.torrent(f.entry.key) is None:
                 await asyncio.to_thread(self._save, f.entry, manifest)
                 if self._attach(f.entry, manifest) is not None:
+                    self.trust[f.entry.key] = "built"
                     self.metrics.p2p_manifests.labels("built").inc()
         except Exception as e:  # sharing is optional; reads go on
             log.warning("cannot share a completed file", extra={"uri": f.info.uri, "error": str(e)})
@@ -243,8 +373,9 @@ class Sharing:
                                       "version": __version__})
 
         async def manifest(request: web.Request) -> web.Response:
-            found = self.swarm.manifests().get(request.match_info["key"])
-            if found is None:
+            key = request.match_info["key"]
+            found = self.swarm.manifests().get(key)
+            if found is None or key in self._probation:  # unchecked: not ours to vouch for
                 return web.json_response({"error": "not shared here"}, status=404)
             return web.json_response(found.to_json())
 
