@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,7 +56,8 @@ class Vouch:
         return self.parts[-1][1] if self.parts else 0
 
 
-def _etag_text(etag: str) -> str:
+def etag_text(etag: str) -> str:
+    """An ETag as S3 spells it in a digest: unquoted, lower case."""
     return etag.strip().strip('"').lower()
 
 
@@ -74,7 +76,7 @@ def from_s3_head(size: int, etag: str, checksum_sha256: str | None = None,
             raw = b""
         if len(raw) == 32:
             return Vouch("sha256", ((0, size),), raw.hex(), "ChecksumSHA256")
-    text = _etag_text(etag)
+    text = etag_text(etag)
     if _MD5_HEX.match(text):
         return Vouch("md5", ((0, size),), text, "ETag")
     multipart = _MULTIPART.match(text)
@@ -82,17 +84,15 @@ def from_s3_head(size: int, etag: str, checksum_sha256: str | None = None,
         count = int(multipart.group(2))
         if len(part_sizes) != count or sum(part_sizes) != size or min(part_sizes) <= 0:
             return None
-        bounds, pos = [], 0
-        for n in part_sizes:
-            bounds.append((pos, pos + n))
-            pos += n
-        return Vouch("md5", tuple(bounds), multipart.group(1), "multipart ETag")
+        ends = tuple(itertools.accumulate(part_sizes))
+        bounds = tuple(zip((0, *ends[:-1]), ends))
+        return Vouch("md5", bounds, multipart.group(1), "multipart ETag")
     return None
 
 
 def multipart_count(etag: str) -> int | None:
     """The part count of a multipart ETag (``…-N``), else None."""
-    found = _MULTIPART.match(_etag_text(etag))
+    found = _MULTIPART.match(etag_text(etag))
     return int(found.group(2)) if found else None
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import OriginSettings
+from ..core.vouch import etag_text
 
 
 class S3RangeReader:
@@ -109,7 +110,7 @@ class S3RangeReader:
             resp = self._client.get_object_attributes(
                 Bucket=bucket, Key=key, ObjectAttributes=["ObjectParts"], MaxParts=1000,
                 PartNumberMarker=marker)
-            if _etag_text(resp.get("ETag", etag)) != _etag_text(etag):
+            if etag_text(resp.get("ETag", etag)) != etag_text(etag):
                 return []  # replaced meanwhile: no check rather than a false one
             parts = resp.get("ObjectParts") or {}
             sizes += [int(part["Size"]) for part in parts.get("Parts") or []]
@@ -119,10 +120,6 @@ class S3RangeReader:
 
     def close(self) -> None:
         self._client.close()
-
-
-def _etag_text(etag: str) -> str:
-    return etag.strip().strip('"')
 
 
 #: Most bytes asked of urllib3's own ``readinto`` at once (see :func:`_fill`).
