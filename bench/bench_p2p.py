@@ -71,9 +71,12 @@ class Bench:
         client.create_bucket(Bucket=BUCKET)
         part = self.size // self.shards
         t0 = time.perf_counter()
-        for i in range(self.shards):
-            key = f"model/model-{i + 1:05d}-of-{self.shards:05d}.safetensors"
-            C.upload_random(client, BUCKET, key, part)
+        # raw/: the same shards unpublished, so their manifests come from a peer and are
+        # checked against the origin's ETag (--check only).
+        for prefix in ("model", "raw") if self.args.check else ("model",):
+            for i in range(self.shards):
+                key = f"{prefix}/model-{i + 1:05d}-of-{self.shards:05d}.safetensors"
+                C.upload_random(client, BUCKET, key, part)
         C.log(f"model: {self.shards} shards, {C.format_size(part * self.shards)} uploaded "
                  f"in {time.perf_counter() - t0:.1f} s")
         self.model_bytes = part * self.shards
@@ -85,7 +88,9 @@ class Bench:
         self.proxy = FaultProxy("127.0.0.1", self.s3.port).start()
         self.proxy.bandwidth = self.args.origin_bw
 
-    def scenario(self, name: str, n: int, p2p: bool, tls: bool = False) -> dict[str, Any]:
+    def scenario(self, name: str, n: int, p2p: bool, tls: bool = False,
+                 prefix: str = "model", seeded: bool = False) -> dict[str, Any]:
+        """``seeded``: agent 0 prewarms first, untimed; the clock is the others', from it."""
         ports = [free_port_pair() for _ in range(n)]
         agents = []
         for i in range(n):
@@ -105,11 +110,16 @@ class Bench:
                 self._wait_peers(agents, n - 1)
             if self.args.prefault:
                 C.prefault_page_cache(self.workdir, n * self.model_bytes)
+            if seeded:
+                C.timed_run([*C.coldbrew_command(), "prewarm", f"s3://{BUCKET}/{prefix}/", "--wait",
+                             "--quiet"], env=agents[0].cli_env(), timeout_s=900)
+                self._wait_shared(agents[0], self.shards)
             self.proxy.reset_counts()
-            cpu0 = [C.proc_cpu_s(a.pid) or 0.0 for a in agents]
-            seconds = self._prewarm_all(agents)
+            timed = agents[1:] if seeded else agents
+            cpu0 = [C.proc_cpu_s(a.pid) or 0.0 for a in timed]
+            seconds = self._prewarm_all(timed, prefix)
             origin = self.proxy.counts["response_body_bytes"]
-            cpu = [round((C.proc_cpu_s(a.pid) or 0.0) - c, 1) for a, c in zip(agents, cpu0)]
+            cpu = [round((C.proc_cpu_s(a.pid) or 0.0) - c, 1) for a, c in zip(timed, cpu0)]
             from_peers = [int(a.metric("coldbrew_p2p_received_bytes_total") or 0) for a in agents]
             cached = [self._cached(a) for a in agents]
         finally:
@@ -135,7 +145,14 @@ class Bench:
             time.sleep(0.1)
         raise RuntimeError("agents did not find each other")
 
-    def _prewarm_all(self, agents: list[C.AgentProc]) -> list[float]:
+    def _wait_shared(self, agent: C.AgentProc, count: int) -> None:
+        deadline = time.monotonic() + 30
+        while int(agent.metric("coldbrew_p2p_torrents") or 0) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the seed did not share the model")
+            time.sleep(0.1)
+
+    def _prewarm_all(self, agents: list[C.AgentProc], prefix: str = "model") -> list[float]:
         barrier = threading.Barrier(len(agents))
         seconds = [0.0] * len(agents)
         t0 = [0.0]
@@ -144,7 +161,7 @@ class Bench:
             barrier.wait()
             if i == 0:
                 t0[0] = time.perf_counter()
-            C.timed_run([*C.coldbrew_command(), "prewarm", f"s3://{BUCKET}/model/", "--wait",
+            C.timed_run([*C.coldbrew_command(), "prewarm", f"s3://{BUCKET}/{prefix}/", "--wait",
                          "--quiet"], env=agents[i].cli_env(), timeout_s=900)
             seconds[i] = time.perf_counter() - t0[0]
 
@@ -167,7 +184,34 @@ class Bench:
         _, out = C.timed_run([*C.coldbrew_command(), "status", "--json"], env=a.cli_env())
         return sum(f["cached_bytes"] for f in json.loads(out.stdout)["files"])
 
+    def run_check(self) -> int:
+        """The end-to-end check of peers' manifests, side by side with published ones: one
+        seed, then N-1 agents pull from it over mTLS (docs/security.md, Manifests)."""
+        n = self.args.n
+        self.setup()
+        try:
+            published = self.scenario("published", n, p2p=True, tls=True, seeded=True)
+            checked = self.scenario("checked", n, p2p=True, tls=True, prefix="raw", seeded=True)
+        finally:
+            self.proxy.stop()
+            self.s3.stop()
+        ratio = checked["seconds_all"] / published["seconds_all"]
+        print()
+        print(f"model {C.format_size(self.model_bytes)} in {self.shards} shards, chunk {CHUNK}, "
+              f"one seed then {n - 1} agents over mTLS")
+        for label, rec in (("manifests published", published),
+                           ("manifests from the seed, checked", checked)):
+            print(f"{label:34} {rec['seconds_all']:>8.1f} s  origin {rec['origin_x_model']:.2f}x  "
+                  f"agent CPU-s {rec['agent_cpu_s']}")
+        print(f"time, checked / published: {ratio:.2f}x")
+        if self.args.json:
+            C.write_json(self.args.json, {"published": published, "checked": checked,
+                                          "ratio": round(ratio, 3)})
+        return 0
+
     def run(self) -> int:
+        if self.args.check:
+            return self.run_check()
         n = self.args.n
         self.setup()
         try:
@@ -215,6 +259,8 @@ def main() -> int:
     p.add_argument("--origin-bw", type=float, default=100e6, help="origin cap, bytes/s (100e6)")
     p.add_argument("--skip-off", action="store_true", help="skip the N agents without P2P run")
     p.add_argument("--skip-tls", action="store_true", help="skip the N agents with P2P over mTLS run")
+    p.add_argument("--check", action="store_true",
+                   help="only: peers' manifests checked against the origin vs published ones")
     p.add_argument("--no-prefault", dest="prefault", action="store_false",
                    help="skip writing and freeing N x model-size of page cache before each clock")
     p.add_argument("--json", type=Path, default=None)
