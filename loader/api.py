@@ -262,7 +262,7 @@ class _Load:
         started = time.perf_counter()
         opts = self.opts
         if is_remote(self.target.location):
-            self.agent = await find_agent(opts.socket, opts.agent)
+            self.agent = await find_agent(opts.socket, opts.agent, self.target.location)
         self.recall = Recall.for_load(self.target, cache=self.cache, agent=self.agent,
                                       names=opts.names, streaming=opts.stream_budget_bytes is not None,
                                       concurrency=opts.concurrency, endpoint_url=opts.endpoint_url)

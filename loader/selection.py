@@ -2,7 +2,8 @@
 
 * a local path: in place (:class:`~coldbrew.loader.sources.LocalFileSource`);
 * a remote URI with the node agent reachable on its socket: through the agent's verified
-  chunk cache (:class:`~coldbrew.loader.sources.AgentSource`);
+  chunk cache (:class:`~coldbrew.loader.sources.AgentSource`), if the URI lies in what the
+  agent serves (its origin and ``allowed_roots``, which it names in its health reply);
 * a remote URI without an agent: the write-through cache's copy when it holds this exact
   version (URI, ETag, size), the origin behind it for any block that fails its check
   (:class:`~coldbrew.loader.sources.CacheFileSource`); else the origin itself
@@ -15,7 +16,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from coldbrew.agent.errors import AgentUnavailable, HeaderError
+from coldbrew.agent.errors import AgentUnavailable, HeaderError, OutsideRoots
 from coldbrew.loader.locate import is_remote, local_path
 from coldbrew.loader.sources import (
     AgentSource,
@@ -36,22 +37,39 @@ log = logging.getLogger("coldbrew.loader")
 _OPENS_IN_FLIGHT = 8
 
 
-async def find_agent(socket: str | None, wanted: bool | None) -> AgentClient | None:
-    """The node agent's client if it answers on ``socket``. ``wanted``: None uses it when it
-    answers, True requires it (AgentUnavailable if it does not), False never uses it."""
+async def find_agent(socket: str | None, wanted: bool | None, target: str) -> AgentClient | None:
+    """The node agent's client if it answers on ``socket`` and serves ``target``. ``wanted``:
+    None uses it when it does, True requires it (AgentUnavailable if it does not answer,
+    OutsideRoots if ``target`` is not in its roots), False never uses it.
+
+    A target outside the agent's roots is read as if there were no agent: with this process's
+    own credentials, which is what the agent's scope asks of a reader (it will not be a
+    deputy for URIs it was not set up to serve)."""
     if wanted is False:
         return None
     from coldbrew.agent.control.client import AgentClient
+    from coldbrew.agent.control.scope import Scope
 
     client = AgentClient(socket, timeout_s=10.0)
     try:
-        await asyncio.get_running_loop().run_in_executor(None, client.health)
-        return client
+        health = await asyncio.get_running_loop().run_in_executor(None, client.health)
     except (AgentUnavailable, OSError) as e:
         if wanted:
             raise AgentUnavailable(f"agent=True but {e}") from None
         log.debug("coldbrew.loader: no agent (%s); reading from the origin", e)
         return None
+    roots = health.get("roots")
+    if not isinstance(roots, list):  # an agent older than the field: it answers for itself
+        return client
+    try:
+        Scope(tuple(str(r) for r in roots)).check(target)
+    except OutsideRoots as e:
+        if wanted:
+            raise OutsideRoots(f"agent=True but {e}") from None
+        log.info("coldbrew.loader: %s; reading it from the origin with this process's own "
+                 "credentials", e)
+        return None
+    return client
 
 
 class SourceOpener:

@@ -29,6 +29,7 @@ blocks without reading anything twice.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import stat as stat_mod
@@ -327,6 +328,8 @@ class AgentSource(Source):
         self.size = 0
         self.corrupt_chunks = 0
         self.streamed_chunks = 0
+        #: False once the agent's data files proved unreadable here: stream instead.
+        self.direct = True
 
     @classmethod
     async def open(cls, client: AgentClient, uri: str, *, prefetch: bool) -> AgentSource:
@@ -382,23 +385,36 @@ class AgentSource(Source):
         chunk_len = min(self.span_bytes, self.size - chunk_begin)
         window = await self._ensure(chunk_begin, chunk_len)
         chunk = window.chunks[0]
-        if chunk.cached:
-            if await loop.run_in_executor(None, _read_chunk, chunk, views):
+        if chunk.cached and self.direct:
+            got = await loop.run_in_executor(None, _read_chunk, chunk, views)
+            if got is _Read.OK:
                 self.stats.add(self.kind, end - begin)
                 return
-            # Failed its digest here: the agent re-checks it, drops and refetches it.
-            self.corrupt_chunks += 1
-            log.warning("coldbrew.loader: agent chunk %d of %s failed its digest check; "
-                        "asking the agent to fetch it again", index, self.name)
-            await loop.run_in_executor(None, self.client.report_corrupt, self.lease, index)
-            chunk = (await self._ensure(chunk_begin, chunk_len)).chunks[0]
-            if chunk.cached and await loop.run_in_executor(None, _read_chunk, chunk, views):
-                self.stats.add(self.kind, end - begin)
-                return
-        # Not cached (the agent's disk is full) or still bad: the agent streams verified bytes.
+            if got is _Read.UNREADABLE:
+                self._no_direct_reads(chunk)
+            else:  # failed its digest here: the agent re-checks it, drops and refetches it
+                self.corrupt_chunks += 1
+                log.warning("coldbrew.loader: agent chunk %d of %s failed its digest check; "
+                            "asking the agent to fetch it again", index, self.name)
+                await loop.run_in_executor(None, self.client.report_corrupt, self.lease, index)
+                chunk = (await self._ensure(chunk_begin, chunk_len)).chunks[0]
+                if chunk.cached and await loop.run_in_executor(None, _read_chunk, chunk,
+                                                               views) is _Read.OK:
+                    self.stats.add(self.kind, end - begin)
+                    return
+        # Not cached (the agent's disk is full), not ours to open, or still bad: the agent
+        # streams verified bytes over the socket.
         await loop.run_in_executor(None, self._stream, begin, end, views)
         self.streamed_chunks += 1
         self.stats.add("agent-stream", end - begin)
+
+    def _no_direct_reads(self, chunk: Chunk) -> None:
+        """The agent's files are private to it (0600 under a 0700 directory) unless this
+        process runs as the agent's user: stream every chunk from now on, and say so once."""
+        self.direct = False
+        log.info("coldbrew.loader: cannot open the agent's cache file %s (another user, or "
+                 "another mount namespace); streaming %s over the agent's socket",
+                 chunk.path, self.name)
 
     def _stream(self, begin: int, end: int, views: Sequence[View]) -> None:
         buffers = cover(begin, end, views)
@@ -444,23 +460,31 @@ class AgentSource(Source):
                 pass
 
 
-def _read_chunk(chunk: Chunk, views: Sequence[View]) -> bool:
+class _Read(enum.Enum):
+    OK = "ok"
+    CORRUPT = "corrupt"  # the bytes there fail the chunk's digest (or the file is short)
+    UNREADABLE = "unreadable"  # this process may not open the file
+
+
+def _read_chunk(chunk: Chunk, views: Sequence[View]) -> _Read:
     """Read a whole chunk from the agent's data file into ``views`` (+ scratch) and check
     its digest. The chunk lies at its own offset in that file (the object's layout)."""
     if chunk.path is None:
-        return False
+        return _Read.CORRUPT
     try:
         fd = os.open(chunk.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError:
-        return False  # evicted by hand?: the caller falls back to the stream
+        # EACCES: the agent's private cache; ENOENT: a cache dir this mount namespace does not
+        # see (the lease keeps the entry from eviction). The socket serves it either way.
+        return _Read.UNREADABLE
     try:
         begin, length = chunk.offset, chunk.length
         if os.fstat(fd).st_size < begin + length:
-            return False
+            return _Read.CORRUPT
         buffers = cover(begin, begin + length, views)
         if pread_into(fd, begin, buffers) != length:
-            return False
-        return intact_pieces(buffers, chunk.digest)
+            return _Read.CORRUPT
+        return _Read.OK if intact_pieces(buffers, chunk.digest) else _Read.CORRUPT
     finally:
         os.close(fd)
 

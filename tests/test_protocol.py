@@ -39,7 +39,8 @@ SAMPLES: list[p.Message] = [
     p.ErrorDetail("usage", "bad"),
     p.Health(version="0.1.0", ready=True, origin="s3://b", cache_dir="/var/cache/coldbrew",
              socket="/run/coldbrew/agent.sock", metrics_address="127.0.0.1:9400", chunk_size=1 << 24,
-             pid=42, mount=None, agent_id="cb01", p2p_port=None),
+             pid=42, mount=None, agent_id="cb01", p2p_port=None,
+             roots=("s3://b", "s3://shared/models")),
     p.PrewarmRequest(("s3://b/m/", "s3://b/n.bin")),
     JOB,
     p.JobList((JOB, dataclasses.replace(JOB, id="pw-2", state="done", errors=()))),
@@ -345,8 +346,11 @@ def test_the_loader_checks_an_agent_chunk_as_the_client_does(tmp_path):
     good = p.Chunk(index=1, offset=8192, length=8192, cached=True, path=str(path), digest=digest(data[8192:]))
     wanted = bytearray(100)
     # Only 100 bytes are wanted; the rest of the chunk is read into scratch so all of it is checked.
-    assert sources._read_chunk(good, [(8192 + 50, memoryview(wanted))])
+    assert sources._read_chunk(good, [(8192 + 50, memoryview(wanted))]) is sources._Read.OK
     assert wanted == data[8192 + 50:8192 + 150]
     for bad in (dataclasses.replace(good, digest=digest(data[:8192])), dataclasses.replace(good, digest=None),
-                dataclasses.replace(good, path=str(tmp_path / "gone")), dataclasses.replace(good, path=None)):
-        assert not sources._read_chunk(bad, [(8192, memoryview(bytearray(8192)))]), bad
+                dataclasses.replace(good, path=None)):
+        assert sources._read_chunk(bad, [(8192, memoryview(bytearray(8192)))]) is sources._Read.CORRUPT, bad
+    # A file this process cannot open is no verdict on the bytes: the reader streams instead.
+    gone = dataclasses.replace(good, path=str(tmp_path / "gone"))
+    assert sources._read_chunk(gone, [(8192, memoryview(bytearray(8192)))]) is sources._Read.UNREADABLE

@@ -124,7 +124,7 @@ class Agent:
         if after != before:
             log.info("open-file limit raised", extra={"from": before, "to": after})
         try:
-            cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+            cfg.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot create cache directory {cfg.cache_dir}: {e.strerror}") from e
         disk = _disk_bytes(cfg.cache_dir)
@@ -146,9 +146,10 @@ class Agent:
             self.prewarm_list = PrewarmList(self.config_file, self.jobs, self.origin.resolve,
                                             cfg.prewarm_reload_s, self.metrics.registry)
             self.prewarm_list.load()
+        scope = Scope.of(cfg.origin, cfg.allowed_roots)
         self.api = ControlAPI(self.fetcher, self.jobs, self.metrics, facts={},
                               p2p_status=self.sharing.status if self.sharing else None,
-                              scope=Scope.of(cfg.origin, cfg.allowed_roots))
+                              scope=scope)
         await self._serve_metrics()
         if cfg.mount is not None:
             await self._mount()
@@ -157,7 +158,8 @@ class Agent:
             "origin": self.origin.root, "cache_dir": str(cfg.cache_dir), "socket": str(cfg.socket),
             "metrics_address": self.metrics_address, "chunk_size": cfg.chunk_size, "pid": os.getpid(),
             "mount": str(cfg.mount) if cfg.mount is not None else None,
-            "agent_id": self.agent_id, "p2p_port": cfg.p2p_port or None})
+            "agent_id": self.agent_id, "p2p_port": cfg.p2p_port or None,
+            "roots": list(scope.roots)})
         self._tasks.append(asyncio.create_task(self._sweep_leases()))
         if self.prewarm_list is not None:
             self._tasks.append(asyncio.create_task(self.prewarm_list.run()))

@@ -23,6 +23,11 @@ converted), and each entry is loaded by replaying its journal. A torn last journ
 (a crash mid-append) is cut off on disk; an unreadable or mismatched ``meta.json`` drops
 the entry; a data file that is missing or of the wrong size loses the entry's chunks.
 
+Privacy. ``coldbrew-v2/`` is 0700 and every file in it 0600: cached weights are often a
+company's most valuable files, and others on the node read them through the FUSE view or the
+control socket, which check what they ask for. ``take`` tightens a directory left wider by an
+earlier release; the 0700 directory alone already closes its older 0644 files.
+
 Everything here is plain file I/O and raises OSError; what a failure means to the
 caller is decided by the store (:mod:`.failures`).
 """
@@ -52,6 +57,9 @@ OLD_LAYOUTS = ("coldbrew-v1",)
 META_FORMAT = 2
 #: The mark of an entry filled under a peer's manifest not yet checked (see the layout).
 UNCHECKED = "unchecked"
+#: Modes of the layout directory and of every file in it (see "Privacy").
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 def read_journal(path: Path) -> list[bytes]:
@@ -69,6 +77,11 @@ def read_journal(path: Path) -> list[bytes]:
         with open(path, "r+b") as f:
             f.truncate(end)
     return data[:end].splitlines()
+
+
+def _private(path: str, flags: int) -> int:
+    """An ``open(..., opener=)`` that creates the file 0600 (see "Privacy")."""
+    return os.open(path, flags, FILE_MODE)
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -90,9 +103,11 @@ class CacheDir:
         """Hold the directory (one agent per cache) and clean what a crash left; returns the
         number of temp files removed. Raises :class:`CacheError`."""
         try:
-            (self.root / "files").mkdir(parents=True, exist_ok=True)
-            (self.root / "tmp").mkdir(exist_ok=True)
-            self._lock_fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+            self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            os.chmod(self.root, DIR_MODE)  # also a directory an earlier release left 0755
+            (self.root / "files").mkdir(mode=DIR_MODE, exist_ok=True)
+            (self.root / "tmp").mkdir(mode=DIR_MODE, exist_ok=True)
+            self._lock_fd = os.open(self.root / "LOCK", os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as e:
             raise CacheError(f"cannot use cache directory {self.root.parent}: {e.strerror}") from e
         try:
@@ -129,7 +144,7 @@ class CacheDir:
             if not old.is_dir() or old.is_symlink():
                 continue
             try:  # an agent of that release still running on this directory keeps its files
-                fd = os.open(old / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(old / "LOCK", os.O_RDWR | os.O_CREAT, FILE_MODE)
             except OSError:
                 continue
             try:
@@ -192,8 +207,9 @@ class CacheDir:
     def create(self, entry: Entry) -> None:
         """An entry's directory: an empty (sparse) data file of the object's size, for chunks
         to land at their offsets, then its meta.json."""
-        entry.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(entry.data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        entry.path.parent.mkdir(mode=DIR_MODE, exist_ok=True)  # parents=True would make it 0777 & ~umask
+        entry.path.mkdir(mode=DIR_MODE, exist_ok=True)
+        fd = os.open(entry.data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
             os.ftruncate(fd, entry.identity.size)
         finally:
@@ -210,16 +226,16 @@ class CacheDir:
     @staticmethod
     def mark_used(entry: Entry) -> None:
         """The ``used`` file's mtime is now (LRU order survives restarts)."""
-        (entry.path / "used").touch()
+        (entry.path / "used").touch(FILE_MODE)
 
     @staticmethod
     def journal(entry: Entry, index: int, chunk_digest: str | None, sha1: str | None) -> None:
         """Record chunk ``index`` as landed (its digest) and/or its piece hash."""
         if chunk_digest is not None:
-            with open(entry.path / "journal", "ab") as f:
+            with open(entry.path / "journal", "ab", opener=_private) as f:
                 f.write(journal_line(index, chunk_digest))
         if sha1 is not None:
-            with open(entry.path / "pieces", "ab") as f:
+            with open(entry.path / "pieces", "ab", opener=_private) as f:
                 f.write(journal_line(index, sha1))
 
     @staticmethod
@@ -227,7 +243,7 @@ class CacheDir:
         """Journal chunk ``index`` as dropped and give its blocks back. A failing disk is
         ignored: at worst the entry is refetched."""
         with contextlib.suppress(OSError):
-            with open(entry.path / "journal", "ab") as f:
+            with open(entry.path / "journal", "ab", opener=_private) as f:
                 f.write(drop_line(index))
         with contextlib.suppress(OSError):
             fd = os.open(entry.data_path, os.O_WRONLY)
@@ -240,7 +256,7 @@ class CacheDir:
     @staticmethod
     def open_data(entry: Entry) -> int:
         """The entry's data file, open for reading and writing at its full size."""
-        fd = os.open(entry.data_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(entry.data_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             if os.fstat(fd).st_size != entry.identity.size:  # recreated: it is every chunk's home
                 os.ftruncate(fd, entry.identity.size)
@@ -280,7 +296,7 @@ class CacheDir:
         """Mark ``entry`` as filled under a peer's manifest not yet checked against the origin
         (a restart then drops its chunks), or clear the mark."""
         if unchecked:
-            (entry.path / UNCHECKED).touch()
+            (entry.path / UNCHECKED).touch(FILE_MODE)
         else:
             with contextlib.suppress(FileNotFoundError):
                 (entry.path / UNCHECKED).unlink()
@@ -307,7 +323,7 @@ class CacheDir:
 
     def _atomic_write(self, path: Path, data: bytes) -> None:
         tmp = self.root / "tmp" / f"{path.parent.name}.{path.name}.{threading.get_ident()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
             view, written = memoryview(data), 0
             while written < len(view):

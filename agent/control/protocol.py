@@ -160,6 +160,9 @@ class Health(Message):
     agent_id: str | None = None
     #: Null when P2P sharing is off.
     p2p_port: int | None = None
+    #: The URI roots this agent serves (its origin, then ``allowed_roots``): a reader asks
+    #: here before it sends a URI the agent would refuse. Null from agents before this field.
+    roots: tuple[str, ...] | None = None
 
 
 # --- prewarm jobs ---------------------------------------------------------------------------
