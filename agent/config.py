@@ -218,6 +218,8 @@ class Setting:
 
 #: The ``p2p_manifests`` choices, most trusting first (docs/security.md, Manifests).
 MANIFEST_POLICIES = ("members", "checked", "published")
+#: What a read of a cached file does when the origin cannot confirm its version.
+UNREACHABLE_POLICIES = ("serve-cached", "fail")
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("origin", parse_origin, None,
@@ -260,8 +262,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retry_max_delay_s", _positive(float), 5.0, "cap on one retry backoff"),
     Setting("connect_timeout_s", _positive(float), 5.0, "origin connect timeout"),
     Setting("read_timeout_s", _positive(float), 30.0, "origin read timeout (no byte for this long)"),
+    Setting("version_timeout_s", _at_most(float, 300, "a reader waits on it"), 5.0,
+            "most seconds a version check (the HEAD before a cached file is served) may take "
+            "before the origin counts as unreachable"),
+    Setting("origin_unreachable", lambda s: _choice(s, UNREACHABLE_POLICIES), "serve-cached",
+            "when the origin cannot be reached: serve-cached (serve the cached version, log "
+            "once per file, count coldbrew_stale_serves_total) or fail"),
     Setting("check_origin", parse_bool, True,
-            "at start, fail fast if the origin bucket is missing or credentials are refused"),
+            "at start, fail fast if the origin bucket is missing or credentials are refused "
+            "(an unreachable origin does not stop the start under serve-cached)"),
     Setting("prewarm_reload_s", _non_negative_seconds, 30.0,
             "how often the config file's prewarm list is read again; new entries are prewarmed "
             "without a restart (0: read it only at start)"),
@@ -348,6 +357,8 @@ class AgentConfig:
     retry_max_delay_s: float
     connect_timeout_s: float
     read_timeout_s: float
+    version_timeout_s: float
+    origin_unreachable: str
     check_origin: bool
     prewarm_reload_s: float
     mount: Path | None
@@ -382,7 +393,8 @@ class AgentConfig:
             anonymous=self.anonymous, fetch_concurrency=self.fetch_concurrency,
             retry_attempts=self.retry_attempts, retry_base_delay_s=self.retry_base_delay_s,
             retry_max_delay_s=self.retry_max_delay_s, connect_timeout_s=self.connect_timeout_s,
-            read_timeout_s=self.read_timeout_s)
+            read_timeout_s=self.read_timeout_s, version_timeout_s=self.version_timeout_s,
+            origin_unreachable=self.origin_unreachable)
 
 
 assert {f.name for f in fields(AgentConfig)} == set(_BY_NAME), "SETTINGS and AgentConfig differ"
@@ -403,6 +415,8 @@ class OriginSettings:
     retry_max_delay_s: float = 5.0
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
+    version_timeout_s: float = 5.0
+    origin_unreachable: str = "serve-cached"
 
     @classmethod
     def from_env(cls, url: str, env: Mapping[str, str] | None = None, **overrides: Any
@@ -416,6 +430,13 @@ class OriginSettings:
                 if env.get(var):
                     found[name] = env[var]
                     break
+        for name in ("version_timeout_s", "origin_unreachable"):  # stale-if-error, as the agent's
+            setting = _BY_NAME[name]
+            if env.get(setting.env):
+                try:
+                    found[name] = setting.parse(env[setting.env])
+                except ValueError as e:
+                    raise ConfigError(f"{name}: {e} (from {setting.env})") from None
         return cls(url=parse_origin(url), **{**found, **overrides})
 
 

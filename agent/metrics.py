@@ -33,6 +33,15 @@ class AgentMetrics:
             "coldbrew_origin_bytes", "Bytes received from the origin", registry=r)
         self.origin_retries = Counter(
             "coldbrew_origin_retries", "Origin attempts retried, by reason", ["reason"], registry=r)
+        self.origin_reachable = Gauge(
+            "coldbrew_origin_reachable",
+            "0 while the origin cannot be reached (the cache is served: origin_unreachable)",
+            registry=r)
+        self.origin_reachable.set(1)
+        self.stale_serves = Counter(
+            "coldbrew_stale_serves",
+            "Cached versions served without the origin confirming them (it was unreachable), "
+            "by what asked: stat (an open), list or expand", ["what"], registry=r)
         self.singleflight_joins = Counter(
             "coldbrew_singleflight_joins",
             "Chunk requests that joined a fetch already in flight instead of starting one",

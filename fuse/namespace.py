@@ -55,6 +55,7 @@ class Namespace:
                  mounted_ns: int) -> None:
         self.fetcher = fetcher
         self.origin = fetcher.origin
+        self.versions = fetcher.versions
         self.bridge = bridge
         self.ttl_s = metadata_ttl_s
         self.mounted_ns = mounted_ns  # the mtime of what the origin gives none
@@ -70,7 +71,7 @@ class Namespace:
         cached = self._listings.get(rel_dir)
         if cached is not None and now - cached[0] < self.ttl_s:
             return cached[1]
-        items = self.bridge.call("readdir", self.origin.list_dir(self.uri(rel_dir)))
+        items = self.bridge.call("readdir", self.versions.list_dir(self.uri(rel_dir)))
         nodes = {item["name"]: _node(rel_dir, item, now) for item in items if _named(item)}
         with self._lock:
             self._listings[rel_dir] = (now, nodes)

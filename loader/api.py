@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from coldbrew.agent.errors import ColdbrewError, HeaderError, UsageError
+from coldbrew.agent.config import OriginSettings
+from coldbrew.agent.core.manifest import FileIdentity
+from coldbrew.agent.errors import ColdbrewError, HeaderError, OriginUnavailable, UsageError
 from coldbrew.loader.device import DEFAULT_BUFFER_BYTES, CpuSink, CudaSink, Slot
 from coldbrew.loader.engine import Budget, FileLoad, Progress, planned_bytes
 from coldbrew.loader.locate import Locator, Target, is_remote
@@ -390,9 +392,13 @@ class _Load:
                 log.info("coldbrew.loader: the cached copy of %s could not be used (%s); "
                          "loading again", self.target.location, e)
                 loaded = False
-            current = await check
+            current = await self._current(check, loaded)
         finally:
             check.cancel()
+        if current is None:  # the origin cannot say; the cached copies were loaded and checked
+            self.out.stats["stale"] = True
+            self._log_summary()
+            return True
         if loaded and current == expected:
             self.out.stats["checked_while_loading"] = True
             self._log_summary()
@@ -402,6 +408,25 @@ class _Load:
                      "the current version", self.target.location)
         self._reset(sink_box)
         return False
+
+    async def _current(self, check: asyncio.Future[list[FileIdentity]], loaded: bool
+                       ) -> list[FileIdentity] | None:
+        """What the origin says the location holds now; None if it cannot be reached within
+        ``version_timeout_s`` after the cached copies were loaded and ``origin_unreachable``
+        is serve-cached (stale-if-error: a warm start must not fail in an S3 outage)."""
+        settings = OriginSettings.from_env(self.target.location)
+        try:
+            return await asyncio.wait_for(asyncio.shield(check), settings.version_timeout_s)
+        except (OriginUnavailable, TimeoutError) as e:
+            if not loaded or settings.origin_unreachable == "fail":
+                if isinstance(e, TimeoutError):
+                    raise OriginUnavailable(
+                        f"{self.target.location}: the origin did not answer within "
+                        f"{settings.version_timeout_s:g} s (version_timeout_s)") from None
+                raise
+            log.warning("coldbrew.loader: the origin is unreachable (%s); serving the cached "
+                        "copy of %s without checking its version", e, self.target.location)
+            return None
 
     def _reset(self, sink_box: list[Any]) -> None:
         """Forget a result that will not be handed over."""

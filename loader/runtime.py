@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import concurrent.futures.thread  # registers its exit hook now, before ours (_register_at_exit)
 import logging
 import os
 import threading
@@ -150,5 +151,21 @@ def _after_fork_in_child() -> None:
     _runtime = None
 
 
-atexit.register(_at_exit)
+def _register_at_exit() -> None:
+    """Run :func:`_at_exit` before ``concurrent.futures`` refuses new work at shutdown.
+
+    ``threading._shutdown`` runs its own exit hooks, newest first, before the ``atexit`` ones,
+    and one of them (``concurrent.futures``, imported above) stops every thread pool from taking
+    new work. The write-behind needs those pools (the loop's default executor). A plain
+    ``atexit`` hook therefore ran too late: the writes died with a traceback, left their
+    ``.part`` file and committed nothing. Registered after that hook, ours runs first.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:  # not CPython 3.9+: the best that is left
+        atexit.register(_at_exit)
+        return
+    register(_at_exit)
+
+
+_register_at_exit()
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -26,6 +26,7 @@ from coldbrew.agent.fetch.sources import (
     Priority,
 )
 from coldbrew.agent.metrics import AgentMetrics
+from coldbrew.agent.origin.health import OriginHealth
 from coldbrew.agent.origin.origin import ObjectInfo
 
 pytestmark = pytest.mark.unit
@@ -57,6 +58,7 @@ class FakeOrigin:
 
     def __init__(self) -> None:
         self.reads: list[int] = []
+        self.health = OriginHealth()
         self.held: asyncio.Event | None = None
         self.fail_next: Exception | None = None
 

@@ -25,6 +25,7 @@ from coldbrew.agent.config import load_config, parse_globs
 from coldbrew.agent.errors import ObjectChanged, ObjectNotFound, OriginUnavailable
 from coldbrew.agent.fetch.fetcher import Fetcher, OpenFile
 from coldbrew.agent.metrics import AgentMetrics
+from coldbrew.agent.origin.health import OriginHealth
 from coldbrew.agent.origin.origin import ObjectInfo
 from coldbrew.fuse import bufvec
 from coldbrew.fuse.metrics import FuseMetrics
@@ -44,6 +45,7 @@ class FakeOrigin:
         self.objects: dict[str, bytes] = {}
         self.etags: dict[str, str] = {}
         self.calls: list[str] = []
+        self.health = OriginHealth()
 
     def put(self, rel: str, data: bytes, etag: str = "e1") -> None:
         self.objects[rel] = data
@@ -52,7 +54,7 @@ class FakeOrigin:
     def _rel(self, uri: str) -> str:
         return uri[len(self.root):].strip("/")
 
-    async def list_dir(self, uri: str) -> list[dict]:
+    async def list_dir(self, uri: str, quick: bool = False) -> list[dict]:
         self.calls.append(f"list {self._rel(uri)}")
         prefix = self._rel(uri)
         prefix = prefix + "/" if prefix else ""
@@ -70,7 +72,7 @@ class FakeOrigin:
             raise ObjectNotFound(f"{uri}: nothing here")
         return list(out.values())
 
-    async def stat(self, uri: str) -> ObjectInfo:
+    async def stat(self, uri: str, quick: bool = False) -> ObjectInfo:
         rel = self._rel(uri)
         self.calls.append(f"stat {rel}")
         if rel not in self.objects:

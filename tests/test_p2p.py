@@ -180,6 +180,10 @@ def test_without_a_published_manifest_the_first_agent_builds_it(
     assert second.metric("coldbrew_origin_bytes_total") == 0
     assert proxy.counts["response_body_bytes"] < 0.05 * len(data)  # metadata only
     assert_exact(second, f"s3://{bucket}/raw/model.bin", data, tmp_path)
+    # Served bytes are counted by where they came from: the prewarm took them all from the
+    # first agent, so the first read of each chunk is a peer's bytes, and none the origin's.
+    assert second.metric("coldbrew_bytes_served_total", source="peer") == len(data)
+    assert second.metric("coldbrew_bytes_served_total", source="origin") == 0
     # A restart keeps sharing what it had (the manifest is kept with the cache entry), and
     # serves it: the first agent drops its copy and gets every byte back from the second.
     second.stop()

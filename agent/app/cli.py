@@ -100,7 +100,7 @@ def _evict_args(p: argparse.ArgumentParser) -> None:
 
 def _get_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("uri")
-    p.add_argument("dest", help="destination file, or a directory to copy into")
+    p.add_argument("dest", help="destination file, a directory to copy into, or - for standard output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_socket(p)
 
@@ -256,6 +256,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"agent: cache {format_size(agent['cache_bytes'])} of {format_size(agent['cache_capacity_bytes'])}"
           f" · served from cache {format_size(served['cache'])}, peers {format_size(served['peer'])},"
           f" origin {format_size(served['origin'])}")
+    if agent.get("origin_reachable") is False:
+        print(f"origin: unreachable, serving cache ({agent.get('origin_error') or 'no answer'})")
     p2p = agent.get("p2p")
     if p2p:
         print(f"p2p: {len(p2p['peers'])} peer(s), {p2p['connections']} connection(s), "
@@ -303,6 +305,8 @@ def cmd_evict(args: argparse.Namespace) -> int:
 
 def cmd_get(args: argparse.Namespace) -> int:
     dest: str = args.dest
+    if dest == "-":
+        return _get_to_stdout(args)
     if os.path.isdir(dest):
         dest = os.path.join(dest, args.uri.rstrip("/").rsplit("/", 1)[-1])
     bar = None
@@ -327,6 +331,23 @@ def cmd_get(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"{result.uri} → {dest}: {format_size(result.bytes)} in {seconds:.2f} s "
               f"({result.bytes / max(seconds, 1e-9) / 1e6:.0f} MB/s)", file=sys.stderr)
+    return 0
+
+
+def _get_to_stdout(args: argparse.Namespace) -> int:
+    """``coldbrew get URI -``: the bytes to standard output, in order (a pipe cannot seek)."""
+    started = time.perf_counter()
+    out = sys.stdout.buffer
+    try:
+        result = AgentClient(args.socket).stream(args.uri, out)
+        out.flush()
+    except BrokenPipeError:  # `coldbrew get URI - | head -c 10`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    if not args.quiet:
+        seconds = time.perf_counter() - started
+        print(f"{result.uri} → standard output: {format_size(result.bytes)} in {seconds:.2f} s",
+              file=sys.stderr)
     return 0
 
 

@@ -26,7 +26,7 @@ from ..cache.store import ChunkStore, Limits
 from ..config import AgentConfig
 from ..control.scope import Scope
 from ..control.server import ControlAPI
-from ..errors import ColdbrewError, ConfigError
+from ..errors import ColdbrewError, ConfigError, OriginUnavailable
 from ..fetch.fetcher import Fetcher
 from ..fetch.jobs import Jobs
 from ..fetch.prewarm_list import PrewarmList
@@ -135,11 +135,11 @@ class Agent:
         await asyncio.to_thread(self.store.open)
         self.origin = Origin(cfg.origin_settings, self.metrics)
         if cfg.check_origin:
-            await self.origin.check()
+            await self._check_origin()
         # P2P first: the fetcher is built with its peer source.
         peers = await self._start_p2p() if cfg.p2p_port else None
         self.fetcher = Fetcher(self.origin, self.store, self.metrics, cfg.fetch_concurrency,
-                               peers=peers)
+                               peers=peers, origin_unreachable=cfg.origin_unreachable)
         await asyncio.to_thread(self.fetcher.slots.preallocate)
         self.jobs = Jobs(self.fetcher, self.metrics)
         if self.config_file is not None:  # a bad list stops the start, like a bad setting
@@ -166,6 +166,20 @@ class Agent:
         self.api.ready = True
         self.metrics.ready.set(1)
         log.info("agent ready", extra=self.api.facts)
+
+    async def _check_origin(self) -> None:
+        """A missing bucket or refused credentials stop the start (a setup error). An origin
+        that cannot be reached does not, under serve-cached and with a warm cache: the node
+        must serve it through an outage, and the origin is picked up again when it answers.
+        With nothing cached there is nothing to serve, and a wrong endpoint is more likely
+        than an outage: the start fails, as it always did."""
+        try:
+            await self.origin.check()
+        except OriginUnavailable as e:
+            if self.config.origin_unreachable == "fail" or not self.store.entries():
+                raise
+            log.warning("origin unreachable at start; serving the cache until it answers",
+                        extra={"error": str(e), "cached_files": len(self.store.entries())})
 
     async def _serve_metrics(self) -> None:
         assert self.api is not None

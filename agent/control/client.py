@@ -269,6 +269,26 @@ class AgentClient:
         return GetResult(first.uri, first.etag, size, copier.from_file, copier.streamed)
 
 
+    def stream(self, uri: str, out: Any) -> GetResult:
+        """Write ``uri``'s bytes to ``out`` (a binary stream that need not seek: standard
+        output), in order, each chunk verified by the agent."""
+        first = self.ensure_range(uri, 0, 0, prefetch=True)
+        lease, size = first.lease, first.size
+        try:
+            done = 0
+            while done < size:
+                length = min(_WINDOW_BYTES, size - done)
+                for piece in self.read(lease=lease, offset=done, length=length):
+                    out.write(piece)
+                done += length
+        finally:
+            try:
+                self.release(lease)
+            except AgentUnavailable:
+                pass
+        return GetResult(first.uri, first.etag, size, 0, -(-size // first.chunk_size))
+
+
 class _Copier:
     """Copies verified chunks into the destination file."""
 

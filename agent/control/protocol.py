@@ -230,6 +230,10 @@ class AgentTotals(Message):
     jobs_running: int
     #: The P2P layer's own counters, passed through as it reports them; null when P2P is off.
     p2p: dict[str, object] | None
+    #: False while the origin cannot be reached (cached versions are served, or refused under
+    #: origin_unreachable = fail); ``origin_error`` says what failed. Null from older agents.
+    origin_reachable: bool | None = None
+    origin_error: str | None = None
 
 
 @dataclass(frozen=True)

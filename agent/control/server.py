@@ -161,6 +161,8 @@ class ControlAPI:
 
     async def readyz(self, request: web.Request) -> web.Response:
         if self.ready:
+            if not self.fetcher.origin.health.reachable:  # ready: the cache still serves
+                return web.Response(text="ready (origin unreachable, serving cache)\n")
             return web.Response(text="ready\n")
         return web.Response(status=503, text="starting\n")
 
@@ -207,7 +209,7 @@ class ControlAPI:
         uri = request.query.get("uri")
         store = self.fetcher.store
         if uri:
-            infos = await self.fetcher.origin.expand(self._resolve(uri))
+            infos = await self.fetcher.versions.expand(self._resolve(uri))
             found = [(info, store.find(info.identity.key())) for info in infos]
             files = [file_status(info.uri, info.etag, info.size, e,
                                  e is not None and self.fetcher.unchecked(e)) for info, e in found]
@@ -231,12 +233,13 @@ class ControlAPI:
                                    for s in SOURCES)),
             jobs_running=sum(1 for j in self.jobs.all() if j.finished is None),
             p2p=self.p2p_status() if self.p2p_status else None,
+            origin_reachable=self.fetcher.origin.health.reachable,
+            origin_error=self.fetcher.origin.health.error or None,
         )
 
     async def ls(self, request: web.Request) -> web.Response:
-        origin = self.fetcher.origin
         uri = self._resolve(request.query.get("uri", ""))
-        listing = await origin.list_dir(uri)
+        listing = await self.fetcher.versions.list_dir(uri)
         store = self.fetcher.store
         entries = []
         for item in listing:
@@ -284,7 +287,6 @@ class ControlAPI:
         indexes = list(f.entry.layout.chunks_for(offset, length))
         if body.prefetch:
             self.fetcher.prefetch(f, indexes[-1] + 1 if indexes else 0, keep=lease.keep_uncached)
-        present = {i for i in indexes if self.fetcher.store.has(f.entry, i)}
         try:
             results = await asyncio.gather(*(self._ensure_chunk(lease, i) for i in indexes))
         except BaseException:
@@ -296,8 +298,7 @@ class ControlAPI:
             if uncached is not None:
                 lease.keep_uncached(index, uncached)
             start, end = f.entry.layout.bounds(index)
-            self.metrics.bytes_served.labels("cache" if index in present else "origin").inc(
-                end - start)
+            self.metrics.bytes_served.labels(self.fetcher.served_from(f, index)).inc(end - start)
             chunks.append(p.Chunk(index=index, offset=start, length=end - start,
                                   cached=uncached is None,
                                   path=str(f.entry.data_path) if uncached is None else None,

@@ -8,7 +8,8 @@ to fetch while it waited for an origin slot goes back to the first source, at mo
 ``_ROUNDS`` times. A cache disk that is full or failing never fails a read: the origin
 source hands the bytes back from memory.
 
-The fetcher also owns the stat cache (URI → ObjectInfo, briefly) and the
+The fetcher also owns the stat cache (URI → ObjectInfo, briefly; versions come from
+:mod:`.versions`, which serves cached ones while the origin is unreachable) and the
 read-ahead that follows a reader through a file.
 """
 
@@ -26,6 +27,7 @@ from ..origin.origin import ObjectInfo, Origin
 from .origin_source import OriginSource
 from .slots import Slots
 from .sources import CacheSource, ChunkRequest, ChunkSource, OpenFile, Outcome, Priority
+from .versions import Versions
 
 __all__ = ["Fetcher", "OpenFile", "Priority"]
 
@@ -34,6 +36,11 @@ log = logging.getLogger("coldbrew.fetcher")
 
 #: A chunk goes back to waiting on peers at most this many times before the origin is final.
 _ROUNDS = 3
+#: A source's name as the ``source`` label of coldbrew_bytes_served_total says it.
+_SERVED_AS = {"peers": "peer"}
+#: Chunks fetched and not yet served that the fetcher remembers the source of (1 TiB at the
+#: default chunk size: a bound, not a limit anyone meets).
+_FETCHED_BY_MAX = 1 << 16
 
 
 class _Flight:
@@ -46,7 +53,8 @@ class _Flight:
 
 class Fetcher:
     def __init__(self, origin: Origin, store: ChunkStore, metrics: AgentMetrics,
-                 concurrency: int, stat_ttl_s: float = 2.0, peers: ChunkSource | None = None) -> None:
+                 concurrency: int, stat_ttl_s: float = 2.0, peers: ChunkSource | None = None,
+                 origin_unreachable: str = "serve-cached") -> None:
         self.origin = origin
         self.store = store
         self.metrics = metrics
@@ -58,7 +66,11 @@ class Fetcher:
         self.sources: list[ChunkSource] = [
             CacheSource(store), *([peers] if peers is not None else []),
             OriginSource(origin, store, self.slots, metrics)]
+        #: Versions from the origin, or from the cache while it cannot answer (:mod:`.versions`).
+        self.versions = Versions(origin, store, metrics, origin_unreachable, self.unchecked)
         self._flights: dict[tuple[str, int], _Flight] = {}
+        #: Which source fetched a chunk not yet served (see :meth:`served_from`).
+        self._fetched_by: dict[tuple[str, int], str] = {}
         self._stats: dict[str, tuple[float, ObjectInfo]] = {}
         self._prefetch: dict[str, asyncio.Task[None]] = {}
 
@@ -68,7 +80,7 @@ class Fetcher:
         cached = self._stats.get(uri)
         if cached and time.monotonic() - cached[0] < self.stat_ttl_s:
             return cached[1]
-        info = await self.origin.stat(uri)
+        info = await self.versions.stat(uri)
         self._stats[uri] = (time.monotonic(), info)
         return info
 
@@ -142,15 +154,26 @@ class Fetcher:
             request.final = round_ == _ROUNDS - 1
             for source in self.sources:
                 answer = await source.get(request)
-                if isinstance(answer, bytes):
-                    return answer
-                if answer is Outcome.PRESENT:
-                    return None
+                if isinstance(answer, bytes) or answer is Outcome.PRESENT:
+                    if source.name != CacheSource.name:
+                        self._fetched(request, source.name)
+                    return answer if isinstance(answer, bytes) else None
                 if answer is Outcome.OWNED_ELSEWHERE:
                     break  # another agent fetches it: wait on peers again, from the first source
                 if answer is Outcome.GAVE_UP:
                     request.final = True  # peers too slow: the origin, no second thoughts
         raise ColdbrewError(f"{request.file.info.uri}: no source could provide chunk {request.index}")
+
+    def _fetched(self, request: ChunkRequest, source: str) -> None:
+        if len(self._fetched_by) >= _FETCHED_BY_MAX:  # prewarmed, never read: forget them
+            self._fetched_by.clear()
+        self._fetched_by[(request.file.entry.key, request.index)] = _SERVED_AS.get(source, source)
+
+    def served_from(self, f: OpenFile, index: int) -> str:
+        """Where the bytes of chunk ``index`` came from, for ``coldbrew_bytes_served_total``:
+        the source that fetched it, the first time it is served (read-ahead and prewarm fetch
+        most chunks before a reader asks), and the cache every time after."""
+        return self._fetched_by.pop((f.entry.key, index), CacheSource.name)
 
     def unchecked(self, entry: Entry) -> bool:
         """Does a source still owe ``entry``'s bytes a check (see :meth:`trust`)?"""
@@ -194,7 +217,7 @@ class Fetcher:
         for _ in range(2):
             uncached = await self.ensure(f, index, priority)
             if uncached is not None:
-                self.metrics.bytes_served.labels("origin").inc(len(uncached))
+                self.metrics.bytes_served.labels(self.served_from(f, index)).inc(len(uncached))
                 return uncached
             try:
                 data = await asyncio.to_thread(self.store.read_verified, f.entry, index)
@@ -202,7 +225,7 @@ class Fetcher:
                 log.warning("cached chunk unusable; fetching again",
                             extra={"uri": f.info.uri, "chunk": index, "error": str(e)})
                 continue
-            self.metrics.bytes_served.labels("cache").inc(len(data))
+            self.metrics.bytes_served.labels(self.served_from(f, index)).inc(len(data))
             return data
         raise CorruptData(f"chunk {index} of {f.info.uri} failed verification twice in a row; "
                           "the cache disk may be failing")
@@ -271,6 +294,7 @@ class Fetcher:
     async def close(self) -> None:
         for task in list(self._prefetch.values()):
             task.cancel()
+        await self.versions.close()
 
 
 def _consume_exception(future: asyncio.Future) -> None:

@@ -130,7 +130,7 @@ class Jobs:
         seen: set[str] = set()
         for uri in job.uris:
             try:
-                infos = await self.fetcher.origin.expand(uri)
+                infos = await self.fetcher.versions.expand(uri)
             except ColdbrewError as e:
                 job.errors.append(str(e))
                 continue

@@ -21,10 +21,11 @@ import email.utils
 import functools
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 
@@ -38,14 +39,18 @@ from ..errors import (
     ObjectChanged,
     ObjectNotFound,
     OriginError,
+    OriginUnavailable,
     TransientOriginError,
     UsageError,
     redact,
 )
 from ..metrics import AgentMetrics
+from .health import QUICK, OriginHealth
 from .retry import RetryPolicy, with_retries
 
 log = logging.getLogger("coldbrew.origin")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,9 @@ class Origin:
         self.metrics = metrics
         self.is_s3 = self.protocol in ("s3", "s3a")
         self._config = config
+        self.version_timeout_s = config.version_timeout_s
+        #: Whether the origin answers (see :mod:`.health`); every operation updates it.
+        self.health = OriginHealth()
         self._fs: fsspec.AbstractFileSystem | None = None if self.is_s3 else self._make_fs(config)
         if self.is_s3:
             from .s3data import S3RangeReader
@@ -279,25 +287,52 @@ class Origin:
 
     # --- metadata -------------------------------------------------------------
 
-    async def stat(self, uri: str) -> ObjectInfo:
-        """Size and ETag of one object. Raises ObjectNotFound/BucketNotFound/AccessDenied."""
+    async def stat(self, uri: str, *, quick: bool = False) -> ObjectInfo:
+        """Size and ETag of one object. Raises ObjectNotFound/BucketNotFound/AccessDenied, and
+        OriginUnavailable when the origin cannot answer.
+
+        ``quick``: a version check that a cached version can stand in for: brief retries
+        (:data:`~.health.QUICK`), and no more than ``version_timeout_s`` in all, so a HEAD
+        that hangs costs seconds rather than every retry's read timeout.
+        """
+        if not quick:
+            return await self._stat(uri)
+        return await self._quickly(f"HEAD {uri}", self._stat(uri, QUICK))
+
+    async def _quickly(self, what: str, work: Awaitable[T]) -> T:
+        """``work`` within ``version_timeout_s``; past it, the origin counts as unreachable."""
+        try:
+            return await asyncio.wait_for(work, self.version_timeout_s)
+        except TimeoutError:
+            message = (f"{what}: the origin did not answer within {self.version_timeout_s:g} s "
+                       "(version_timeout_s)")
+            self._unreachable(message)
+            raise OriginUnavailable(message) from None
+
+    async def _stat(self, uri: str, policy: RetryPolicy | None = None) -> ObjectInfo:
         if self.is_s3 and "/" in self._path(uri).strip("/"):
             try:  # a plain HEAD, on the data plane's botocore client
-                head = await self._call("head", uri, self._head_s3, uri)
+                head = await self._call("head", uri, self._head_s3, uri, policy=policy)
                 return ObjectInfo(uri, int(head["ContentLength"]), _etag_of(head), _mtime_of(head))
             except ObjectNotFound:
                 pass  # a prefix, or no such bucket: the fsspec path below tells which
-        info = await self._call("head", uri, self._info, uri)
+        info = await self._call("head", uri, self._info, uri, policy=policy)
         if info.get("type") == "directory":
             raise ObjectNotFound(f"{uri} is a prefix (a directory), not an object")
         return ObjectInfo(uri, int(info["size"]), _etag_of(info), _mtime_of(info))
 
-    async def expand(self, uri: str) -> list[ObjectInfo]:
-        """The objects a URI names: itself if it is an object, else everything under the prefix."""
-        info = await self._call("head", uri, self._info, uri)
+    async def expand(self, uri: str, *, quick: bool = False) -> list[ObjectInfo]:
+        """The objects a URI names: itself if it is an object, else everything under the prefix.
+        ``quick``: bounded, as for :meth:`stat` (the cache can answer instead)."""
+        if quick:
+            return await self._quickly(f"LIST {uri}", self._expand(uri, QUICK))
+        return await self._expand(uri)
+
+    async def _expand(self, uri: str, policy: RetryPolicy | None = None) -> list[ObjectInfo]:
+        info = await self._call("head", uri, self._info, uri, policy=policy)
         if info.get("type") != "directory":
             return [ObjectInfo(uri, int(info["size"]), _etag_of(info), _mtime_of(info))]
-        found = await self._call("list", uri, self._find, uri)
+        found = await self._call("list", uri, self._find, uri, policy=policy)
         out = [ObjectInfo(self._uri(path), int(i["size"]), _etag_of(i), _mtime_of(i))
                for path, i in sorted(found.items())
                if i.get("type", "file") == "file" and not is_sidecar(path)]
@@ -305,9 +340,15 @@ class Origin:
             raise ObjectNotFound(f"{uri}: no objects under this prefix")
         return out
 
-    async def list_dir(self, uri: str) -> list[dict[str, Any]]:
-        """One level under ``uri``: sub-prefixes and objects, like ``aws s3 ls``."""
-        items = await self._call("list", uri, self._ls, uri)
+    async def list_dir(self, uri: str, *, quick: bool = False) -> list[dict[str, Any]]:
+        """One level under ``uri``: sub-prefixes and objects, like ``aws s3 ls``. ``quick``:
+        bounded, as for :meth:`stat`."""
+        if quick:
+            return await self._quickly(f"LIST {uri}", self._list_dir(uri, QUICK))
+        return await self._list_dir(uri)
+
+    async def _list_dir(self, uri: str, policy: RetryPolicy | None = None) -> list[dict[str, Any]]:
+        items = await self._call("list", uri, self._ls, uri, policy=policy)
         out = []
         for item in sorted(items, key=lambda i: i["name"]):
             is_dir = item.get("type") == "directory"
@@ -486,7 +527,9 @@ class Origin:
 
     async def _call(self, op: str, uri: str, fn: Any, *args: Any, what: str | None = None,
                     policy: RetryPolicy | None = None) -> Any:
-        """One origin operation: translated errors, retries, and request metrics."""
+        """One origin operation: translated errors, retries, and request metrics. Whether it
+        reached the origin updates :attr:`health`; while the origin is unreachable, every
+        operation retries only briefly (:mod:`.health`)."""
 
         async def attempt() -> Any:
             try:
@@ -496,10 +539,13 @@ class Origin:
                     raise
                 err = translate(e, uri, self.endpoint)
                 self._count(op, type(err).__name__)
+                if not isinstance(err, TransientOriginError):
+                    self._answered()  # a 404 or a 403 is an answer
                 if err is e:
                     raise
                 raise err from e
             self._count(op, "ok")
+            self._answered()
             return result
 
         def on_retry(e: TransientOriginError, number: int, pause: float) -> None:
@@ -508,8 +554,25 @@ class Origin:
             log.info("origin retry", extra={"op": op, "uri": uri, "attempt": number,
                                             "pause_s": round(pause, 3), "error": str(e)})
 
-        return await with_retries(attempt, policy or self.policy, what=what or f"{op} {uri}",
-                                   on_retry=on_retry)
+        try:
+            return await with_retries(attempt, self.health.policy(policy or self.policy),
+                                      what=what or f"{op} {uri}", on_retry=on_retry)
+        except OriginUnavailable as e:
+            self._unreachable(str(e))
+            raise OriginUnavailable(f"the origin is unreachable: {e}") from e
+
+    def _unreachable(self, error: str) -> None:
+        if self.health.failed(error, time.monotonic()):
+            log.warning("origin unreachable; serving what is cached (origin_unreachable)",
+                        extra={"origin": redact(self.root), "error": error})
+            if self.metrics:
+                self.metrics.origin_reachable.set(0)
+
+    def _answered(self) -> None:
+        if self.health.answered(time.monotonic()):
+            log.warning("origin reachable again", extra={"origin": redact(self.root)})
+            if self.metrics:
+                self.metrics.origin_reachable.set(1)
 
     def _count(self, op: str, outcome: str) -> None:
         if self.metrics:
