@@ -272,7 +272,8 @@ class _Load:
         if recalled is not None and await self._run_recalled(recalled, sink_box, started):
             return
         files, names_by_file = await Locator(self.agent, self.origins).files(self.target, opts.names)
-        opener = SourceOpener(self.agent, self.origins, self.cache, opts.concurrency)
+        opener = SourceOpener(self.agent, self.origins, self.cache, opts.concurrency,
+                              agent_required=opts.agent is True)
         sources = await opener.open_all(files)
         identities = [s.identity for s in sources]
         kinds = {type(s) for s in sources}

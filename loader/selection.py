@@ -16,6 +16,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from coldbrew.agent.core.manifest import FileIdentity
 from coldbrew.agent.errors import AgentUnavailable, HeaderError, OutsideRoots
 from coldbrew.loader.locate import is_remote, local_path
 from coldbrew.loader.sources import (
@@ -77,8 +78,11 @@ class SourceOpener:
     ``origins``, as the module docstring says."""
 
     def __init__(self, agent: AgentClient | None, origins: Origins,
-                 cache: WriteThroughCache | None, concurrency: int) -> None:
+                 cache: WriteThroughCache | None, concurrency: int, *,
+                 agent_required: bool = False) -> None:
         self.agent = agent
+        #: agent=True: a load whose agent goes away fails; else it goes on from the origin.
+        self.agent_required = agent_required
         self.origins = origins
         self.cache = cache
         self.concurrency = concurrency
@@ -103,11 +107,20 @@ class SourceOpener:
                     await s.close()
             raise
 
+    async def _from_origin(self, identity: FileIdentity) -> Source:
+        """This version of a file, from the origin (the agent went away mid-load)."""
+        from coldbrew.agent.origin.origin import ObjectInfo  # fsspec: only when needed
+
+        origin = await self.origins.get(identity.uri)
+        return OriginSource(origin, ObjectInfo(identity.uri, identity.size, identity.etag),
+                            self.concurrency)
+
     async def open(self, location: str) -> Source:
         if not is_remote(location):
             return await LocalFileSource.open(local_path(location))
         if self.agent is not None:
-            return await AgentSource.open(self.agent, location, prefetch=False)
+            fallback = None if self.agent_required else self._from_origin
+            return await AgentSource.open(self.agent, location, prefetch=False, fallback=fallback)
         origin = await self.origins.get(location)
         info = await origin.stat(location)
         if self.cache is not None:

@@ -33,7 +33,7 @@ import enum
 import logging
 import os
 import stat as stat_mod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -319,9 +319,13 @@ class AgentSource(Source):
     kind = "agent"
     whole_blocks = True
 
-    def __init__(self, client: AgentClient, uri: str) -> None:
+    def __init__(self, client: AgentClient, uri: str,
+                 fallback: Callable[[FileIdentity], Awaitable[Source]] | None = None) -> None:
         super().__init__()
         self.client = client
+        self.fallback = fallback
+        #: Where the rest of the file is read once the agent stopped answering (``fallback``).
+        self.instead: Source | None = None
         self.name = uri
         self.lease: str | None = None
         self.etag = ""
@@ -332,8 +336,12 @@ class AgentSource(Source):
         self.direct = True
 
     @classmethod
-    async def open(cls, client: AgentClient, uri: str, *, prefetch: bool) -> AgentSource:
-        self = cls(client, uri)
+    async def open(cls, client: AgentClient, uri: str, *, prefetch: bool,
+                   fallback: Callable[[FileIdentity], Awaitable[Source]] | None = None
+                   ) -> AgentSource:
+        """``fallback`` (``agent=None``: "use it if it answers"): how to read this version of
+        the file without the agent, should it stop answering mid-load (a restart, an upgrade)."""
+        self = cls(client, uri, fallback)
         loop = asyncio.get_running_loop()
         first = await loop.run_in_executor(
             None, lambda: client.ensure_range(uri, 0, 0, prefetch=prefetch))
@@ -365,9 +373,12 @@ class AgentSource(Source):
 
     async def start(self, full: bool) -> None:
         if full:  # the agent reads the rest of the file ahead of us, in order
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: self.client.ensure_range(lease=self.lease, offset=0, length=0,
-                                                       prefetch=True))
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: self.client.ensure_range(lease=self.lease, offset=0, length=0,
+                                                           prefetch=True))
+            except AgentUnavailable as e:
+                await self._without_agent(e)
 
     async def _ensure(self, offset: int, length: int) -> EnsureReply:
         loop = asyncio.get_running_loop()
@@ -379,6 +390,28 @@ class AgentSource(Source):
         return window
 
     async def fill(self, begin: int, end: int, views: Sequence[View]) -> None:
+        if self.instead is None:
+            try:
+                return await self._fill(begin, end, views)
+            except AgentUnavailable as e:
+                await self._without_agent(e)
+        assert self.instead is not None
+        await self.instead.fill(begin, end, views)
+        self.stats.add(self.instead.kind, end - begin)
+
+    async def _without_agent(self, error: AgentUnavailable) -> None:
+        """The agent went away mid-load: read the rest of this version from the origin, or
+        raise (``agent=True``, or no way to read it otherwise)."""
+        if self.instead is not None:
+            return
+        if self.fallback is None:
+            raise error
+        log.warning("coldbrew.loader: the agent stopped answering while %s was loading (%s); "
+                    "reading the rest of it from the origin", self.name, error)
+        self.instead = await self.fallback(self.identity)
+        self.lease = None  # the agent that held it is gone
+
+    async def _fill(self, begin: int, end: int, views: Sequence[View]) -> None:
         loop = asyncio.get_running_loop()
         index = begin // self.span_bytes
         chunk_begin = index * self.span_bytes
@@ -435,7 +468,11 @@ class AgentSource(Source):
 
     async def finish(self) -> None:
         """The agent's last word on the bytes read: a file filled under a peer's manifest is
-        checked against the origin before its tensors are handed over (raises if it failed)."""
+        checked against the origin before its tensors are handed over (raises if it failed).
+        Without the agent (it went away), the origin source's own check instead."""
+        if self.instead is not None:
+            await self.instead.finish()
+            return
         try:
             if self.lease is not None:
                 await asyncio.get_running_loop().run_in_executor(None, self._verify, self.lease)
@@ -445,6 +482,13 @@ class AgentSource(Source):
     def _verify(self, lease: str) -> None:
         try:
             self.client.verify(lease)
+        except AgentUnavailable:
+            if self.fallback is None:
+                raise
+            # Gone after the last byte arrived: those bytes passed the agent's digests; only
+            # a peer manifest's verdict is lost (docs/security.md, Manifests).
+            log.warning("coldbrew.loader: the agent stopped answering before its last word on "
+                        "%s; its bytes passed their digests", self.name)
         except AgentError as e:
             if "404" not in str(e):
                 raise
@@ -452,6 +496,8 @@ class AgentSource(Source):
             log.info("coldbrew.loader: the agent has no /v1/verify (an older version)")
 
     async def close(self) -> None:
+        if self.instead is not None:
+            await self.instead.close()
         if self.lease is not None:
             lease, self.lease = self.lease, None
             try:

@@ -239,3 +239,44 @@ def test_get_dash_writes_standard_output(make_agent: Any, s3_client: Any, bucket
                          capture_output=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout == data and not (tmp_path / "-").exists()
+
+
+@pytest.mark.parametrize("how", ("SIGTERM", "SIGKILL"))
+def test_a_load_whose_agent_goes_away_finishes_from_the_origin(
+        make_agent: Any, proxy: Any, s3: Any, s3_client: Any, bucket: str, monkeypatch: Any,
+        how: str) -> None:
+    import signal
+    import threading
+
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    g = torch.Generator().manual_seed(3)
+    data = st_save({f"w{i}": torch.randn(512, 512, generator=g) for i in range(8)})  # 8 MiB
+    s3_client.put_object(Bucket=bucket, Key="k/model.safetensors", Body=data)
+    uri = f"s3://{bucket}/k/model.safetensors"
+    agent = make_agent(f"s3://{bucket}", endpoint=proxy.url,
+                       extra_args=["--chunk-size", "64KiB", *FAST])
+    proxy.bandwidth = 3e6  # the agent's origin is slow: the load is mid-way when it dies
+    started = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        if done:
+            started.set()
+
+    def kill_when_started() -> None:
+        assert started.wait(30)
+        agent.proc.send_signal(signal.SIGTERM if how == "SIGTERM" else signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_started)
+    killer.start()
+    sd = load_file(uri, socket=agent.socket, agent=None, cache_dir=False, progress=progress)
+    killer.join()
+    assert agent.proc.wait(20) is not None  # it did go away
+    assert _same(dict(sd), data)
+    sources = sd.stats["bytes_by_source"]
+    assert sources.get("agent", 0) > 0 and sources.get("origin", 0) > 0, sources
+    # agent=True asked for the agent: without it, the load fails as asked.
+    from coldbrew.agent.errors import AgentUnavailable
+
+    with pytest.raises(AgentUnavailable):
+        load_file(uri, socket=agent.socket, agent=True, cache_dir=False)

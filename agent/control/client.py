@@ -87,6 +87,12 @@ class AgentClient:
             raise self._unavailable(e) from None
         except unixhttp.ProtocolError as e:
             raise AgentUnavailable(f"the agent on {self.socket_path} did not answer properly: {e}") from None
+        except (ConnectionResetError, BrokenPipeError) as e:
+            raise self._gone(e) from None
+
+    def _gone(self, e: OSError) -> AgentUnavailable:
+        return AgentUnavailable(f"the agent on {self.socket_path} closed the connection "
+                                f"({e.strerror or e}): it stopped or is restarting")
 
     def _unavailable(self, e: OSError) -> AgentUnavailable:
         return AgentUnavailable(
@@ -105,6 +111,8 @@ class AgentClient:
                 data = response.read_all()
             except unixhttp.ProtocolError as e:
                 raise AgentUnavailable(f"the agent on {self.socket_path}: {e}") from None
+            except (ConnectionResetError, BrokenPipeError) as e:
+                raise self._gone(e) from None
         return _decode(response.status, data)
 
     # --- API: typed replies (the loader, `coldbrew get`) -----------------------------------
