@@ -1,4 +1,4 @@
-"""kill -9 of the agent during prewarm, at random points: nothing half-written is ever served."""
+"""kill -9 of the agent at random points of prewarm and eviction: nothing half-written is ever served."""
 
 from __future__ import annotations
 
@@ -13,14 +13,27 @@ from coldbrew.agent.core.manifest import digest, replay_journal
 MiB = 1 << 20
 
 
+def _entries(cache_dir) -> list:
+    """Entry directories holding chunks. One killed mid-eviction may have lost its data file
+    already (the agent's start then counts none of its chunks); it has nothing to check."""
+    return [e for e in (cache_dir / "coldbrew-v2" / "files").glob("*/*")
+            if (e / "meta.json").exists() and (e / "data").exists()]
+
+
+def _journal(entry) -> list[bytes]:
+    """An entry's journal lines; none yet if no chunk has landed (a valid state to die in)."""
+    path = entry / "journal"
+    return path.read_bytes().splitlines() if path.exists() else []
+
+
 def _chunks_on_disk_are_whole_and_journaled(cache_dir) -> int:
     """Every chunk the journal says is present matches its digest in the data file (none
     is torn); returns how many there are."""
     count = 0
-    for entry in (cache_dir / "coldbrew-v2" / "files").glob("*/*"):
+    for entry in _entries(cache_dir):
         meta = json.loads((entry / "meta.json").read_bytes())
         chunk = meta["chunk_size"]
-        digests, present = replay_journal((entry / "journal").read_bytes().splitlines(), 1 << 30)
+        digests, present = replay_journal(_journal(entry), 1 << 30)
         data = (entry / "data").read_bytes()
         assert len(data) == meta["size"], "the data file has the object's size"
         for index in present:
@@ -66,3 +79,110 @@ def test_kill9_during_prewarm_then_restart(bucket, s3_client, make_agent, proxy,
     agent.cli("get", uri, str(dest), "--quiet", check=True)
     assert dest.read_bytes() == data
     assert agent.metric("coldbrew_corrupt_chunks_total", source="cache") == 0
+
+
+def _present_runs(cache_dir) -> list[tuple[int, int]]:
+    """(offset, length) runs of the chunks the journal says are present."""
+    runs: list[tuple[int, int]] = []
+    for entry in _entries(cache_dir):
+        meta = json.loads((entry / "meta.json").read_bytes())
+        chunk, size = meta["chunk_size"], meta["size"]
+        _, present = replay_journal(_journal(entry), 1 << 30)
+        for index in sorted(present):
+            begin, end = index * chunk, min((index + 1) * chunk, size)
+            if runs and runs[-1][0] + runs[-1][1] == begin:
+                runs[-1] = (runs[-1][0], runs[-1][1] + end - begin)
+            else:
+                runs.append((begin, end - begin))
+    return runs
+
+
+def _gone(pid: int, timeout_s: float = 10.0) -> None:
+    import os
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"agent {pid} did not die")
+
+
+KILLS = 100
+
+
+def test_kill9_at_a_hundred_random_points(bucket, s3_client, agent_env, proxy, tmp_path):
+    """kill -9 at KILLS random points of prewarm (chunks landing in the data file) and of
+    eviction; after each, a restart and a full check: every chunk the journal says is present
+    is whole on disk, and the agent serves those bytes exactly. Agents come from a zygote
+    (tests/support/zygote.py) so the loop is fast, not small."""
+    import os
+    import signal
+    import threading
+
+    from support.zygote import Zygote
+
+    from coldbrew.agent.config import admin_socket_for
+    from coldbrew.agent.control.client import AgentClient
+    from coldbrew.agent.errors import ColdbrewError
+
+    size = 6 * MiB + 321
+    data = put_random(s3_client, bucket, "k/model.bin", size, 5)
+    uri = f"s3://{bucket}/k/model.bin"
+    proxy.bandwidth = 24 * MiB  # a full prewarm takes ~0.25 s: kills land all along it
+    sock, cache_dir = tmp_path / "a.sock", tmp_path / "cache"
+    argv = ["agent", "--origin", f"s3://{bucket}", "--cache-dir", str(cache_dir), "--socket",
+            str(sock), "--metrics-address", "127.0.0.1:0", "--log-format", "json",
+            "--chunk-size", "64KiB", "--retry-base-delay-s", "0.01"]
+    zygote = Zygote({**os.environ, **agent_env, "AWS_ENDPOINT_URL": proxy.url})
+    client, admin = AgentClient(sock, timeout_s=10), AgentClient(admin_socket_for(sock), timeout_s=10)
+    rng = random.Random(99)
+    seen, evicted_rounds, pid = set(), 0, 0
+    try:
+        for round_no in range(KILLS + 1):
+            pid = zygote.spawn(argv, tmp_path / "agent.log")
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    client.health()
+                    break
+                except ColdbrewError:
+                    assert time.monotonic() < deadline, (tmp_path / "agent.log").read_text()[-3000:]
+                    time.sleep(0.01)
+            # The full check after a crash: on disk, and as served.
+            count = _chunks_on_disk_are_whole_and_journaled(cache_dir)
+            for offset, length in _present_runs(cache_dir):
+                got = b"".join(client.read(uri, offset, length))
+                assert got == data[offset:offset + length], f"round {round_no}: bad bytes served"
+            seen.add(count)
+            if round_no == KILLS:
+                break
+            client.prewarm([uri])
+            time.sleep(rng.uniform(0.0, 0.3))
+            if rng.random() < 0.3:  # and kill it while it evicts
+                evicted_rounds += 1
+                threading.Thread(target=_quietly, args=(admin.evict, uri), daemon=True).start()
+                time.sleep(rng.uniform(0.0, 0.01))
+            os.kill(pid, signal.SIGKILL)
+            _gone(pid)
+        client.prewarm([uri])
+        dest = tmp_path / "whole.bin"
+        AgentClient(sock).get(uri, dest)
+        assert dest.read_bytes() == data
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        zygote.close()
+    # The kills landed at many different points: before, during and after the landings.
+    assert len(seen) >= 10 and 0 in seen and evicted_rounds >= 10, (sorted(seen), evicted_rounds)
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        pass  # the agent was killed under it: that is the point

@@ -109,7 +109,7 @@ def test_every_byte_is_exact_under_s3_faults(bucket, s3_client, make_agent, prox
         for fd in fds:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         bad = 0
-        for n in range(3000):
+        for n in range(6000):  # with the agent's 5000 (tests/test_agent_faults.py): over 10,000
             offset = rng.randrange(len(data))
             length = rng.choice([1, 17, 4096, 65536, MiB + 3, 3 * MiB])
             bad += os.pread(fds[n % 3], length, offset) != data[offset:offset + length]
