@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coldbrew.agent.errors import HeaderError, ObjectNotFound
+from coldbrew.agent.errors import HeaderError, ObjectNotFound, OriginUnavailable
 from coldbrew.loader.plan import NameFilter
 
 if TYPE_CHECKING:
@@ -90,10 +90,14 @@ class Locator:
                 await asyncio.get_running_loop().run_in_executor(
                     None, lambda: agent.ensure_range(location, 0, 0))
             else:
-                await (await self.origins.get(location)).stat(location)
+                await (await self.origins.get(location)).stat(location, quick=True)
             return False
         except ObjectNotFound:
             return True
+        except OriginUnavailable:
+            # Cannot tell: take it for a file. Its source then serves a cached copy, or fails
+            # with the origin's error (stale-if-error, selection.py).
+            return False
 
     async def _read_index(self, location: str) -> dict[str, Any] | None:
         uri = join(location, INDEX_NAME)

@@ -17,7 +17,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from coldbrew.agent.core.manifest import FileIdentity
-from coldbrew.agent.errors import AgentUnavailable, HeaderError, OutsideRoots
+from coldbrew.agent.errors import AgentUnavailable, HeaderError, OriginUnavailable, OutsideRoots
 from coldbrew.loader.locate import is_remote, local_path
 from coldbrew.loader.sources import (
     AgentSource,
@@ -122,7 +122,18 @@ class SourceOpener:
             fallback = None if self.agent_required else self._from_origin
             return await AgentSource.open(self.agent, location, prefetch=False, fallback=fallback)
         origin = await self.origins.get(location)
-        info = await origin.stat(location)
+        loop = asyncio.get_running_loop()
+        held = None if self.cache is None else await loop.run_in_executor(
+            None, self.cache.latest, location)
+        try:  # with a cached copy to stand in, the origin gets a short, bounded chance
+            info = await origin.stat(location, quick=held is not None)
+        except OriginUnavailable as e:
+            if held is None or origin.unreachable_policy == "fail":
+                raise
+            assert self.cache is not None
+            log.warning("coldbrew.loader: %s; serving the cached copy of %s without checking its "
+                        "version (origin_unreachable = serve-cached)", e, location)
+            return await CacheFileSource.open_entry(held, self.cache, None, location)
         if self.cache is not None:
             entry = await asyncio.get_running_loop().run_in_executor(
                 None, self.cache.lookup, info.identity)

@@ -166,6 +166,25 @@ class WriteThroughCache:
             return None
         return entry
 
+    def latest(self, uri: str) -> CacheEntry | None:
+        """The most recently committed entry of any version of ``uri``: what is served when
+        the origin cannot say which version is current (stale-if-error)."""
+        folder = self.files / _uri_key(uri)
+        try:
+            sidecars = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        except OSError:
+            return None
+        for meta_path in sidecars:
+            try:
+                meta = json.loads(meta_path.read_bytes())
+                identity = FileIdentity(str(meta["uri"]), str(meta["etag"]), int(meta["size"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            entry = self.lookup(identity) if identity.uri == uri else None
+            if entry is not None:
+                return entry
+        return None
+
     def discard(self, entry: CacheEntry | FileIdentity) -> None:
         """Drop an entry (sidecar first, so it is never served half-removed)."""
         identity = entry.identity if isinstance(entry, CacheEntry) else entry

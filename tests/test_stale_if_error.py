@@ -24,7 +24,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from support.faultproxy import Fault
 
-from coldbrew.loader import load_file
+from coldbrew.loader import iter_tensors, load_file
 from coldbrew.loader.runtime import wait_writeback
 
 VERSION_TIMEOUT_S = 1.0
@@ -199,6 +199,11 @@ def test_the_loader_without_an_agent_serves_its_warm_cache(
     assert _same(dict(sd), data) and sd.stats.get("stale") is True
     assert set(sd.stats["bytes_by_source"]) == {"cache"} and took < BOUND, took
     assert rule.applied > 0
+    # Not a whole load (some tensors; or streamed): no location record, the file's own copy.
+    some = load_file(uri, names={"w1", "w4"}, **opts)
+    assert set(some) == {"w1", "w4"} and torch.equal(some["w4"], st_load(data)["w4"])
+    streamed, took = _timed(lambda: dict(iter_tensors(uri, **opts)))
+    assert _same(streamed, data) and took < BOUND, took
     monkeypatch.setenv("COLDBREW_ORIGIN_UNREACHABLE", "fail")
     with pytest.raises(Exception, match="unreachable|did not answer"):
         load_file(uri, **opts)
@@ -206,7 +211,7 @@ def test_the_loader_without_an_agent_serves_its_warm_cache(
 
 _SHORT_SCRIPT = """
 import sys
-from coldbrew.loader import load_file
+from coldbrew.loader import iter_tensors, load_file
 sd = load_file(sys.argv[1], agent=False, cache_dir=sys.argv[2], endpoint_url=sys.argv[3])
 print(len(sd))
 """

@@ -99,6 +99,10 @@ class LocalS3:
         self.ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
         cmd = [find_weed(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
+               # Each bucket takes volumes of its own. The automatic limit (free disk / 1 GiB,
+               # ~70 here) ran out within one test session, and every later PUT failed with
+               # InternalError. Test volumes are tiny and sparse, so allow plenty.
+               "-volume.max=2000",
                *(f"-{flag}={port}" for flag, port in self.ports.items())]
         # Credentials in the environment at start make weed enforce them.
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key,

@@ -215,6 +215,9 @@ class Origin:
         self.is_s3 = self.protocol in ("s3", "s3a")
         self._config = config
         self.version_timeout_s = config.version_timeout_s
+        #: serve-cached or fail: what a reader with a cached copy does when this origin is
+        #: unreachable (the agent's Versions, and the loader without an agent, read it).
+        self.unreachable_policy = config.origin_unreachable
         #: Whether the origin answers (see :mod:`.health`); every operation updates it.
         self.health = OriginHealth()
         self._fs: fsspec.AbstractFileSystem | None = None if self.is_s3 else self._make_fs(config)
