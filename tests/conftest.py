@@ -121,6 +121,18 @@ def agent_env(s3: LocalS3) -> dict[str, str]:
 
 
 @pytest.fixture
+def loader_env(s3: LocalS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
+    """The loader in this process as a user without an agent would run it: the S3 server's
+    credentials and endpoint in the environment, no agent on the socket, its write-through
+    cache under the test's tmp_path (never the user's ~/.cache)."""
+    env = {**s3.env(), "COLDBREW_SOCKET": str(tmp_path / "no-agent.sock"),
+           "COLDBREW_LOADER_CACHE": str(tmp_path / "loader-cache")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.fixture
 def make_agent(tmp_path: Path, agent_env: dict[str, str]) -> Iterator[Any]:
     """``make_agent(origin, endpoint=None, **kw)`` starts a real agent; all are stopped after the test."""
     agents: list[AgentProcess] = []

@@ -60,10 +60,7 @@ def test_sharded_dir_streamed_to_cuda_with_cast(tmp_path, small_spans):
 
 
 @needs_cuda
-def test_s3_to_cuda_with_write_through(s3, bucket, s3_client, monkeypatch, tmp_path, small_spans):
-    for k, v in s3.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("COLDBREW_SOCKET", str(tmp_path / "none.sock"))
+def test_s3_to_cuda_with_write_through(loader_env, s3, bucket, s3_client, monkeypatch, tmp_path, small_spans):
     data = make_file(5, count=12, big=True)
     s3_client.put_object(Bucket=bucket, Key="m.safetensors", Body=data)
     (tmp_path / "m.safetensors").write_bytes(data)
@@ -197,11 +194,8 @@ def test_ring_logic_with_a_cpu_stand_in(tmp_path, small_spans, fake_cuda, seed):
     assert_same(streamed, cast_like_the_loader(ref, torch.float16))
 
 
-def test_ring_waits_for_write_through_with_a_cpu_stand_in(s3, bucket, s3_client, monkeypatch,
+def test_ring_waits_for_write_through_with_a_cpu_stand_in(loader_env, s3, bucket, s3_client, monkeypatch,
                                                           tmp_path, small_spans, fake_cuda):
-    for k, v in s3.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("COLDBREW_SOCKET", str(tmp_path / "none.sock"))
     data = make_file(5, count=12, big=True)
     s3_client.put_object(Bucket=bucket, Key="m.safetensors", Body=data)
     (tmp_path / "m.safetensors").write_bytes(data)

@@ -161,10 +161,7 @@ def test_local_file_changed_mid_load_raises(tmp_path, monkeypatch):
 # --- the same from S3 ------------------------------------------------------------------------
 
 
-def test_remote_corrupt_and_truncated_objects(s3, bucket, s3_client, monkeypatch, tmp_path):
-    for k, v in s3.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("COLDBREW_SOCKET", str(tmp_path / "none.sock"))
+def test_remote_corrupt_and_truncated_objects(loader_env, s3, bucket, s3_client, monkeypatch, tmp_path):
     good = BASES[0]
     cases = {
         "cut.safetensors": (good[: len(good) - 100], "truncated: tensor"),

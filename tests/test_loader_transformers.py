@@ -55,14 +55,11 @@ def other_model(config):
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def test_load_dir_feeds_load_state_dict(saved, s3, monkeypatch, tmp_path, make_agent, bucket):
+def test_load_dir_feeds_load_state_dict(saved, loader_env, s3, monkeypatch, tmp_path, make_agent, bucket):
     local, uri = saved
     stock = transformers.LlamaForCausalLM.from_pretrained(local, dtype=torch.bfloat16).eval()
     want = logits(stock)
 
-    for k, v in s3.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("COLDBREW_SOCKET", str(tmp_path / "none.sock"))
     sd = load_dir(uri, cache_dir=tmp_path / "cache")
     model = other_model(stock.config)
     assert not torch.equal(logits(model), want)
@@ -80,12 +77,9 @@ def test_load_dir_feeds_load_state_dict(saved, s3, monkeypatch, tmp_path, make_a
     torch.testing.assert_close(logits(model), want, rtol=0, atol=0)
 
 
-def test_dtype_cast_matches_from_pretrained_dtype(saved, s3, monkeypatch, tmp_path):
+def test_dtype_cast_matches_from_pretrained_dtype(saved, loader_env, s3, monkeypatch, tmp_path):
     local, uri = saved
     stock = transformers.LlamaForCausalLM.from_pretrained(local, dtype=torch.float32).eval()
-    for k, v in s3.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("COLDBREW_SOCKET", str(tmp_path / "none.sock"))
     sd = load_dir(uri, dtype=torch.float32, cache_dir=False)
     model = other_model(stock.config)
     model.load_state_dict(sd, assign=True)
