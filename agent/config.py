@@ -145,6 +145,14 @@ def _at_most(kind: Callable[[Any], Any], maximum: int, why: str) -> Callable[[An
     return parse
 
 
+def parse_concurrency(text: Any) -> int | None:
+    """``auto`` (None: the origin's GETs in flight adapt, :mod:`.origin.adaptive`) or a fixed
+    number of them."""
+    if text is None or str(text).strip().lower() == "auto":
+        return None
+    return _at_most(int, MAX_FETCH_CONCURRENCY, "each GET holds a chunk buffer")(text)
+
+
 def parse_cache_size(text: str | int) -> SizeOrPercent:
     value = parse_size_or_percent(text)
     if not (value.bytes or value.percent):
@@ -254,8 +262,14 @@ SETTINGS: tuple[Setting, ...] = (
             "must fit in it"),
     Setting("metrics_address", parse_address, ("0.0.0.0", 9400),
             "host:port for /metrics, /healthz, /readyz (port 0 picks a free one)"),
-    Setting("fetch_concurrency", _at_most(int, MAX_FETCH_CONCURRENCY, "each GET holds a chunk buffer"), 8,
-            "parallel ranged GETs to the origin (at most 256; x chunk_size must fit memory_budget)"),
+    Setting("fetch_concurrency", parse_concurrency, None,
+            "parallel ranged GETs to the origin: auto (default: grows while it adds throughput, "
+            "shrinks when requests queue or the origin throttles) or a fixed number (at most "
+            "256; x chunk_size must fit memory_budget)"),
+    Setting("fetch_concurrency_max", _at_most(int, MAX_FETCH_CONCURRENCY,
+                                              "each GET holds a chunk buffer"), 64,
+            "most GETs in flight an automatic fetch_concurrency goes to (also at most "
+            "memory_budget / chunk_size)"),
     Setting("retry_attempts", _at_most(int, 100, "a request retried longer is better failed"), 8,
             "attempts per origin request before giving up (at most 100)"),
     Setting("retry_base_delay_s", _positive(float), 0.1, "first retry backoff, doubles each time"),
@@ -351,7 +365,8 @@ class AgentConfig:
     allowed_roots: tuple[str, ...]
     memory_budget: int
     metrics_address: tuple[str, int]
-    fetch_concurrency: int
+    fetch_concurrency: int | None
+    fetch_concurrency_max: int
     retry_attempts: int
     retry_base_delay_s: float
     retry_max_delay_s: float
@@ -391,6 +406,8 @@ class AgentConfig:
         return OriginSettings(
             url=self.origin, endpoint_url=self.endpoint_url, region=self.region,
             anonymous=self.anonymous, fetch_concurrency=self.fetch_concurrency,
+            fetch_concurrency_max=max(1, min(self.fetch_concurrency_max,
+                                             self.memory_budget // self.chunk_size)),
             retry_attempts=self.retry_attempts, retry_base_delay_s=self.retry_base_delay_s,
             retry_max_delay_s=self.retry_max_delay_s, connect_timeout_s=self.connect_timeout_s,
             read_timeout_s=self.read_timeout_s, version_timeout_s=self.version_timeout_s,
@@ -409,7 +426,9 @@ class OriginSettings:
     endpoint_url: str | None = None
     region: str | None = None
     anonymous: bool = False
-    fetch_concurrency: int = 8
+    #: GETs in flight: None adapts them (up to ``fetch_concurrency_max``), a number fixes them.
+    fetch_concurrency: int | None = None
+    fetch_concurrency_max: int = 64
     retry_attempts: int = 8
     retry_base_delay_s: float = 0.1
     retry_max_delay_s: float = 5.0
@@ -417,6 +436,11 @@ class OriginSettings:
     read_timeout_s: float = 30.0
     version_timeout_s: float = 5.0
     origin_unreachable: str = "serve-cached"
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most GETs this origin may have in flight (thread and connection pools)."""
+        return self.fetch_concurrency or self.fetch_concurrency_max
 
     @classmethod
     def from_env(cls, url: str, env: Mapping[str, str] | None = None, **overrides: Any
@@ -491,14 +515,17 @@ def load_config(
 
 
 def _check_memory(values: dict[str, Any], raw: dict[str, tuple[Any, str]]) -> None:
-    """Origin fetches each hold one chunk-size buffer: their product must fit the budget."""
-    need = values["fetch_concurrency"] * values["chunk_size"]
+    """Origin fetches each hold one chunk-size buffer: their product must fit the budget. An
+    automatic fetch_concurrency stays within it by itself (AgentConfig.origin_settings), as
+    long as one chunk fits."""
+    count = values["fetch_concurrency"] or 1
+    need = count * values["chunk_size"]
     if need > values["memory_budget"]:
         def where(name: str) -> str:
             return raw[name][1] if name in raw else "default"
 
         raise ConfigError(
-            f"fetch_concurrency x chunk_size = {values['fetch_concurrency']} x {format_size(values['chunk_size'])}"
+            f"fetch_concurrency x chunk_size = {count} x {format_size(values['chunk_size'])}"
             f" = {format_size(need)} exceeds memory_budget {format_size(values['memory_budget'])} "
             f"(from {where('fetch_concurrency')}, {where('chunk_size')}, {where('memory_budget')}); "
             "lower one of the first two or raise the budget")

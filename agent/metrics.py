@@ -38,6 +38,14 @@ class AgentMetrics:
             "0 while the origin cannot be reached (the cache is served: origin_unreachable)",
             registry=r)
         self.origin_reachable.set(1)
+        self.origin_concurrency = Gauge(
+            "coldbrew_origin_concurrency",
+            "GETs the origin may have in flight now (fetch_concurrency, or what auto chose)",
+            registry=r)
+        self.origin_throughput = Gauge(
+            "coldbrew_origin_throughput_bytes_per_second",
+            "Origin throughput the last round of the automatic fetch_concurrency measured",
+            registry=r)
         self.stale_serves = Counter(
             "coldbrew_stale_serves",
             "Cached versions served without the origin confirming them (it was unreachable), "

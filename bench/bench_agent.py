@@ -421,7 +421,7 @@ class Bench:
 
     def start_agent(self, name: str) -> C.AgentProc:
         agent = C.AgentProc(self.workdir, f"s3://{BUCKET}", self.s3_env, name, extra_args=[
-            "--fetch-concurrency", str(self.conc), "--chunk-size", str(self.chunk)])
+            "--fetch-concurrency", self.args.agent_concurrency, "--chunk-size", str(self.chunk)])
         self.agents.append(agent)
         return agent.start()
 
@@ -596,7 +596,8 @@ class Bench:
         print()
         print(f"coldbrew agent benchmark — object {C.format_size(size)} ({size} bytes), "
               f"{self.args.runs} run(s), median shown; MB/s = 10^6 bytes/s")
-        print(f"concurrency {self.conc} × {C.format_size(self.chunk)} ranges (agent and (b) alike); "
+        print(f"(b): {self.conc} × {C.format_size(self.chunk)} ranges; agent: fetch_concurrency "
+              f"{self.args.agent_concurrency}, chunk {C.format_size(self.chunk)}; "
               f"machine: {os.cpu_count()} CPUs, {platform.platform()}")
         print(f"mode: {self.mode_text()}")
         print()
@@ -748,7 +749,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rss-size", type=C.size_arg, default=None, metavar="SIZE",
                    help="also prewarm an object of this size (e.g. 4GiB) with a fresh agent and check its "
                         "peak RSS < 1 GiB; off by default (the S3 server needs ~2 GB RAM per GiB stored)")
-    p.add_argument("--concurrency", type=int, default=8, help="parallel ranged GETs, agent and (b) (default 8)")
+    p.add_argument("--concurrency", type=int, default=8, help="parallel ranged GETs of (b) (default 8)")
+    p.add_argument("--agent-concurrency", default="auto",
+                   help="the agent's fetch_concurrency (default auto, the agent's default; a number fixes it)")
     p.add_argument("--chunk-size", type=C.size_arg, default=C.size_arg("16MiB"), help="range / chunk size (default 16MiB)")
     p.add_argument("--transport", choices=("both", *TRANSPORTS), default="both",
                    help="client(s) for (b); with both, the faster median is the ceiling (default both)")

@@ -16,6 +16,8 @@ Cold, from S3, no agent:
   coldbrew      ``load_dir("s3://…/", device="cpu")`` with a fresh write-through cache
                 dir (the time to the caller's tensors; the write-through finishing is
                 reported too, as "cache done")
+  coldbrew stream ``iter_tensors("s3://…/")`` without a write-through: the time to the
+                first tensor in the caller's hands, and to the last
 
 Warm, cached on the node (the page cache holds the files; both read once before):
   st.load_file  ``safetensors.torch.load_file`` of the local shards (mmap; the checksum
@@ -281,13 +283,15 @@ def run_runai(spec: dict[str, Any]) -> dict[str, Any]:
     yield_ready()
     t0 = time.perf_counter()
     tensors = {}
+    first = None
     with SafetensorsStreamer() as streamer:
         for k in spec["keys"]:
             streamer.stream_file(f"s3://{BUCKET}/{k}")
             for name, t in streamer.get_tensors():
+                first = first or time.perf_counter() - t0
                 tensors[name] = t
     checksum = _checksum(tensors)
-    return {"seconds": time.perf_counter() - t0, "checksum": checksum}
+    return {"seconds": time.perf_counter() - t0, "checksum": checksum, "first_s": first}
 
 
 def run_coldbrew(spec: dict[str, Any]) -> dict[str, Any]:
@@ -299,13 +303,28 @@ def run_coldbrew(spec: dict[str, Any]) -> dict[str, Any]:
     yield_ready()
     t0 = time.perf_counter()
     sd = load_dir(spec["location"], cache_dir=spec.get("cache_dir") or False,
-                  concurrency=spec["concurrency"])
+                  concurrency=spec.get("loader_concurrency"))
     loaded = time.perf_counter() - t0
     checksum = _checksum(sd)
     seconds = time.perf_counter() - t0
     wait_writeback(300)
     return {"seconds": seconds, "load_s": loaded, "checksum": checksum,
             "cache_done_s": time.perf_counter() - t0, "sources": sd.stats["bytes_by_source"]}
+
+
+def run_coldbrew_stream(spec: dict[str, Any]) -> dict[str, Any]:
+    """iter_tensors, no write-through: when the first tensor is the caller's, and the whole."""
+    from coldbrew.loader import iter_tensors
+
+    yield_ready()
+    t0 = time.perf_counter()
+    tensors, first = {}, None
+    for name, t in iter_tensors(spec["location"], cache_dir=False,
+                                concurrency=spec.get("loader_concurrency")):
+        first = first or time.perf_counter() - t0
+        tensors[name] = t
+    checksum = _checksum(tensors)
+    return {"seconds": time.perf_counter() - t0, "checksum": checksum, "first_s": first}
 
 
 def run_st_local(spec: dict[str, Any]) -> dict[str, Any]:
@@ -321,7 +340,8 @@ def run_st_local(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 WORKERS = {"download": run_download, "s3fs+load": run_s3fs_load, "runai": run_runai,
-           "coldbrew": run_coldbrew, "st.load_file": run_st_local,
+           "coldbrew": run_coldbrew, "coldbrew stream": run_coldbrew_stream,
+           "st.load_file": run_st_local,
            "st.load_file pread": run_st_local, "coldbrew warm": run_coldbrew,
            "coldbrew local": run_coldbrew}
 
@@ -365,7 +385,9 @@ def main() -> None:
     ap.add_argument("--size", default="2GiB", help="model size (default 2GiB)")
     ap.add_argument("--shards", type=int, default=2, help="safetensors shards (default 2)")
     ap.add_argument("--runs", type=int, default=3, help="runs per contender; medians reported")
-    ap.add_argument("--concurrency", type=int, default=8, help="parallel GETs (default 8)")
+    ap.add_argument("--concurrency", type=int, default=8, help="parallel GETs of download (default 8)")
+    ap.add_argument("--loader-concurrency", type=int, default=None,
+                    help="the loader's concurrency (default: its own, adapting; a number fixes it)")
     ap.add_argument("--prefault", action=argparse.BooleanOptionalAction, default=True,
                     help="prefault memory before each clock (default on)")
     ap.add_argument("--skip", default="", help="comma-separated contenders to skip")
@@ -404,13 +426,15 @@ def main() -> None:
             keys = [f"{PREFIX}/{p.name}" for p in paths]
             scratch = work / "scratch"
             base = {"size": size, "prefault": args.prefault, "scratch": str(scratch),
-                    "concurrency": args.concurrency, "keys": keys}
+                    "concurrency": args.concurrency, "loader_concurrency": args.loader_concurrency,
+                    "keys": keys}
             cache = work / "loader-cache"
             plans: dict[str, dict[str, Any]] = {
                 "download": {},
                 "s3fs+load": {},
                 "runai": {},
                 "coldbrew": {"location": f"s3://{BUCKET}/{PREFIX}/", "cache_dir": str(cache)},
+                "coldbrew stream": {"location": f"s3://{BUCKET}/{PREFIX}/"},
                 "st.load_file": {"paths": [str(p) for p in paths]},
                 "st.load_file pread": {"paths": [str(p) for p in paths], "backend": "pread"},
                 "coldbrew warm": {"location": f"s3://{BUCKET}/{PREFIX}/", "cache_dir": str(cache)},
@@ -447,13 +471,16 @@ def report(results: dict[str, list[dict[str, Any]]], size: int, args: argparse.N
     med = {n: C.median([r["seconds"] for r in rs]) for n, rs in results.items() if rs}
     sums = {n: {r["checksum"] for r in rs} for n, rs in results.items() if rs}
     all_sums = set().union(*sums.values()) if sums else set()
-    print(f"\n{'contender':<22}{'median s':>10}{'GB/s':>8}{'peak RSS':>12}  runs")
+    print(f"\n{'contender':<22}{'median s':>10}{'GB/s':>8}{'peak RSS':>12}{'first s':>9}  runs")
     for n, rs in results.items():
         if not rs:
             continue
         rss = max(r["peak_rss"] for r in rs)
-        print(f"{n:<22}{med[n]:>10.2f}{C.mbps(size, med[n]) / 1000:>8.2f}{C.format_size(rss):>12}  "
-              + " ".join(f"{r['seconds']:.2f}" for r in rs))
+        # Time to the first tensor in the caller's hands: all of it for those that hand
+        # everything over at once.
+        first = C.median([r.get("first_s") or r["seconds"] for r in rs])
+        print(f"{n:<22}{med[n]:>10.2f}{C.mbps(size, med[n]) / 1000:>8.2f}{C.format_size(rss):>12}"
+              f"{first:>9.2f}  " + " ".join(f"{r['seconds']:.2f}" for r in rs))
     print(f"checksums agree across contenders: {'yes' if len(all_sums) == 1 else 'NO: ' + str(sums)}")
     bars = []
 

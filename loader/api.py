@@ -37,7 +37,7 @@ from coldbrew.agent.config import OriginSettings
 from coldbrew.agent.core.manifest import FileIdentity
 from coldbrew.agent.errors import ColdbrewError, HeaderError, OriginUnavailable, UsageError
 from coldbrew.loader.device import DEFAULT_BUFFER_BYTES, CpuSink, CudaSink, Slot
-from coldbrew.loader.engine import Budget, FileLoad, Progress, planned_bytes
+from coldbrew.loader.engine import Budget, FileLoad, Pipeline, Progress, first_error, planned_bytes
 from coldbrew.loader.locate import Locator, Target, is_remote
 from coldbrew.loader.origins import SharedOrigins
 from coldbrew.loader.plan import NameFilter
@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("coldbrew.loader")
 
+#: Reads in flight through the agent or from local files when ``concurrency`` is not given.
+DEFAULT_READS = 8
 #: Streaming mode (iter_tensors): bytes of finished tensors that may wait for the caller.
 DEFAULT_STREAM_BUDGET_BYTES = 1 << 30
 
@@ -80,7 +82,7 @@ class Options:
     device: torch.device
     dtype: torch.dtype | None = None
     names: NameFilter = None
-    concurrency: int = 8
+    concurrency: int | None = None
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
     cache_dir: Path | None = None
     socket: str | None = None
@@ -100,8 +102,8 @@ def _options(device: Any, **kw: Any) -> Options:
         cache_dir = default_cache_dir()
     elif cache_dir is False:
         cache_dir = None
-    if kw["concurrency"] < 1:
-        raise UsageError(f"concurrency must be at least 1, got {kw['concurrency']}")
+    if kw["concurrency"] is not None and kw["concurrency"] < 1:
+        raise UsageError(f"concurrency must be at least 1 (or None: adapt), got {kw['concurrency']}")
     return Options(device=dev, cache_dir=Path(cache_dir) if cache_dir else None, **kw)
 
 
@@ -109,7 +111,7 @@ def _options(device: Any, **kw: Any) -> Options:
 
 
 def load_file(path_or_uri: str | os.PathLike[str], device: Any = "cpu", *,
-              dtype: torch.dtype | None = None, names: NameFilter = None, concurrency: int = 8,
+              dtype: torch.dtype | None = None, names: NameFilter = None, concurrency: int | None = None,
               buffer_bytes: int = DEFAULT_BUFFER_BYTES, cache_dir: Path | str | bool | None = None,
               socket: str | os.PathLike[str] | None = None, agent: bool | None = None,
               endpoint_url: str | None = None, progress: Callable[[int, int], Any] | None = None,
@@ -120,7 +122,8 @@ def load_file(path_or_uri: str | os.PathLike[str], device: Any = "cpu", *,
     URL. ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``. ``dtype``: cast
     floating-point tensors (f16/bf16/f32/f64) to this dtype. ``names``: only
     these tensors (a collection of names, or a predicate on the name).
-    ``concurrency``: reads in flight. ``buffer_bytes``: pinned host memory for a
+    ``concurrency``: reads in flight (None, the default: from the origin, as many as add
+    throughput, adapted while loading; through the agent or from disk, 8). ``buffer_bytes``: pinned host memory for a
     CUDA load. ``cache_dir``: write-through cache when no agent is used (default
     ``$COLDBREW_LOADER_CACHE`` or ``~/.cache/coldbrew/loader``; False: none).
     ``socket``: the agent's socket (default ``$COLDBREW_SOCKET``); ``agent``:
@@ -137,7 +140,7 @@ def load_file(path_or_uri: str | os.PathLike[str], device: Any = "cpu", *,
 
 
 def load_dir(path_or_uri: str | os.PathLike[str], device: Any = "cpu", *,
-             dtype: torch.dtype | None = None, names: NameFilter = None, concurrency: int = 8,
+             dtype: torch.dtype | None = None, names: NameFilter = None, concurrency: int | None = None,
              buffer_bytes: int = DEFAULT_BUFFER_BYTES, cache_dir: Path | str | bool | None = None,
              socket: str | os.PathLike[str] | None = None, agent: bool | None = None,
              endpoint_url: str | None = None, progress: Callable[[int, int], Any] | None = None,
@@ -157,7 +160,7 @@ def load_dir(path_or_uri: str | os.PathLike[str], device: Any = "cpu", *,
 
 
 def iter_tensors(path_or_uri: str | os.PathLike[str], device: Any = "cpu", *,
-                 dtype: torch.dtype | None = None, names: NameFilter = None, concurrency: int = 8,
+                 dtype: torch.dtype | None = None, names: NameFilter = None, concurrency: int | None = None,
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES, cache_dir: Path | str | bool | None = None,
                  socket: str | os.PathLike[str] | None = None, agent: bool | None = None,
                  endpoint_url: str | None = None, progress: Callable[[int, int], Any] | None = None,
@@ -272,7 +275,7 @@ class _Load:
         if recalled is not None and await self._run_recalled(recalled, sink_box, started):
             return
         files, names_by_file = await Locator(self.agent, self.origins).files(self.target, opts.names)
-        opener = SourceOpener(self.agent, self.origins, self.cache, opts.concurrency,
+        opener = SourceOpener(self.agent, self.origins, self.cache,
                               agent_required=opts.agent is True)
         sources = await opener.open_all(files)
         identities = [s.identity for s in sources]
@@ -300,42 +303,15 @@ class _Load:
         progress = Progress(opts.progress, bar)
         sink = self._sink()
         sink_box.append(sink)
-        by_kind: dict[str, int] = {}
         writebacks: list[Any] = []
-        loaded = 0
-        tensors = 0
         try:
             fulls = []
             for source, names in zip(sources, names_by_file):
                 planned = planned_bytes(source, names)
                 fulls.append(planned == source.header.data_end - source.header.data_start)
                 progress.plan(planned)
-            for i, (source, names) in enumerate(zip(sources, names_by_file)):
-                writeback = None
-                if (fulls[i] and self.cache is not None and isinstance(source, OriginSource)):
-                    # CPU: the bytes sit in the caller's tensors; write them once the
-                    # call is done. CUDA (the ring buffers wait for their writes) and
-                    # streaming (memory must not hold the whole model): as they come.
-                    defer = opts.device.type == "cpu" and opts.stream_budget_bytes is None
-                    writeback = self.cache.begin(source.identity, source.header_bytes,
-                                                 source.span_bytes, defer=defer)
-                    # Kept even if it failed to open (a full disk): its commit then cleans
-                    # up and says False, so no location is recorded without this file.
-                    writebacks.append(writeback)
-                    if not await writeback.open():
-                        writeback = None
-                await source.start(fulls[i])
-                file_load = FileLoad(source, names, sink, emit=self._emitter(),
-                                     concurrency=self._concurrency(source), budget=budget,
-                                     progress=progress, writeback=writeback)
-                await file_load.run()
-                sources[i] = None  # type: ignore[call-overload]
-                self._merge_metadata(source)
-                self.out.files.append(source.name)
-                loaded += file_load.bytes
-                tensors += len(file_load.order)
-                for kind, n in source.stats.by_kind.items():
-                    by_kind[kind] = by_kind.get(kind, 0) + n
+            loads = await self._pipelined(sources, names_by_file, fulls, sink, budget, progress,
+                                          writebacks)
             if opts.device.type == "cuda":
                 await loop.run_in_executor(None, sink.synchronize)
         except BaseException:
@@ -348,10 +324,73 @@ class _Load:
         finally:
             if bar is not None:
                 bar.close()
-        self.out.stats.update({"bytes": loaded, "tensors": tensors,
-                               "seconds": time.perf_counter() - started,
-                               "bytes_by_source": by_kind, "files": len(sources)})
+        self._tally(loads, started)
         return writebacks
+
+    async def _pipelined(self, sources: list[Source], names_by_file: list[NameFilter],
+                         fulls: list[bool], sink: Any, budget: Budget, progress: Progress,
+                         writebacks: list[Any]) -> list[FileLoad]:
+        """Every file through one :class:`Pipeline`: each starts once the one before has
+        admitted its last span. A finished file's slot in ``sources`` is set to None (the
+        caller closes the rest if this raises)."""
+        pipeline = Pipeline(len(sources), self._emitter(),
+                            max((self._concurrency(s) for s in sources), default=1))
+        admitted = [asyncio.Event() for _ in sources]
+        loads: list[FileLoad] = []
+
+        async def one(i: int) -> None:
+            if i:
+                await admitted[i - 1].wait()
+            source = sources[i]
+            writeback = await self._writeback(source, fulls[i], writebacks)
+            await source.start(fulls[i])
+            file_load = FileLoad(source, names_by_file[i], sink, emit=pipeline.emitter(i),
+                                 concurrency=self._concurrency(source), budget=budget,
+                                 progress=progress, writeback=writeback,
+                                 window=pipeline.window, admitted=admitted[i])
+            loads.append(file_load)
+            await file_load.run()
+            sources[i] = None  # type: ignore[call-overload]
+            pipeline.finished(i)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for i in range(len(sources)):
+                    group.create_task(one(i))
+        except BaseExceptionGroup as eg:
+            raise first_error(eg) from None
+        return loads
+
+    def _tally(self, loads: list[FileLoad], started: float) -> None:
+        """The call's result and stats, in file order."""
+        by_kind: dict[str, int] = {}
+        for file_load in loads:
+            self._merge_metadata(file_load.source)
+            self.out.files.append(file_load.source.name)
+            for kind, n in file_load.source.stats.by_kind.items():
+                by_kind[kind] = by_kind.get(kind, 0) + n
+        self.out.stats.update({"bytes": sum(f.bytes for f in loads),
+                               "tensors": sum(len(f.order) for f in loads),
+                               "seconds": time.perf_counter() - started,
+                               "bytes_by_source": by_kind, "files": len(loads)})
+        flows = [f.source.origin.flow for f in loads if isinstance(f.source, OriginSource)]
+        if flows:  # what the origin's limit came to (adapted to the link, unless fixed)
+            self.out.stats["origin_concurrency"] = max(flow.allowed for flow in flows)
+
+    async def _writeback(self, source: Source, full: bool, writebacks: list[Any]) -> Any:
+        """The write-through of a whole file read from the origin, open; else None."""
+        if not (full and self.cache is not None and isinstance(source, OriginSource)):
+            return None
+        # CPU: the bytes sit in the caller's tensors; write them once the call is done.
+        # CUDA (the ring buffers wait for their writes) and streaming (memory must not hold
+        # the whole model): as they come.
+        defer = self.opts.device.type == "cpu" and self.opts.stream_budget_bytes is None
+        writeback = self.cache.begin(source.identity, source.header_bytes, source.span_bytes,
+                                     defer=defer)
+        # Kept even if it failed to open (a full disk): its commit then cleans up and says
+        # False, so no location is recorded without this file.
+        writebacks.append(writeback)
+        return writeback if await writeback.open() else None
 
     def _log_summary(self) -> None:
         st = self.out.stats
@@ -443,9 +482,10 @@ class _Load:
 
     def _concurrency(self, source: Source) -> int:
         if isinstance(source, OriginSource):
-            # GETs are capped at `concurrency` by the source; a few more spans keep them busy.
-            return self.opts.concurrency + 2
-        return self.opts.concurrency
+            # GETs are capped by the origin's limit (fixed, or adapting up to its maximum); a
+            # few more spans than it may allow keep them busy.
+            return source.origin.max_in_flight + 2
+        return self.opts.concurrency or DEFAULT_READS
 
     def _sink(self) -> Any:
         opts = self.opts

@@ -245,7 +245,9 @@ class CudaSink:
             event.record(self.stream)
         for p in span.pieces:
             slots[p.tensor.name].event = event
-        buffer.pending = [event, written, self.ring]
+        # The ring of this buffer's size, not self.ring: the next file of a load may have
+        # begun (on another span size) while this one's last spans are still being read.
+        buffer.pending = [event, written, self.rings[buffer.tensor.numel()]]
         asyncio.get_running_loop().create_task(self._recycle(buffer))
 
     async def _recycle(self, buffer: PinnedBuffer) -> None:

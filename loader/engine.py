@@ -16,6 +16,10 @@ into a sink (:mod:`coldbrew.loader.device`):
    last piece arrives, whichever span brought it.
 4. Complete tensors are emitted strictly in file order.
 
+A load of several files runs them as one :class:`Pipeline`: the next file's spans are
+admitted into the same window as soon as the previous file's last span is, and its
+tensors wait for the earlier files' before they are emitted.
+
 Any failure cancels the spans in flight, drops the write-through entry and
 re-raises the first error, amended with the file and the tensor it was reading.
 """
@@ -103,11 +107,17 @@ class FileLoad:
 
     def __init__(self, source: Source, names: NameFilter, sink: Any, *,
                  emit: Callable[[Slot], None], concurrency: int, budget: Budget,
-                 progress: Progress, writeback: Any = None) -> None:
+                 progress: Progress, writeback: Any = None,
+                 window: asyncio.Semaphore | None = None,
+                 admitted: asyncio.Event | None = None) -> None:
         self.source = source
         self.sink = sink
         self.emit = emit
         self.concurrency = max(1, concurrency)
+        #: Spans in flight; shared by the files of one load (:class:`Pipeline`).
+        self.window = window
+        #: Set once every span is admitted: the next file of the load may start its own.
+        self.admitted = admitted or asyncio.Event()
         self.budget = budget
         self.progress = progress
         self.writeback = writeback
@@ -136,7 +146,7 @@ class FileLoad:
                 async with asyncio.TaskGroup() as group:
                     await self._schedule(group)
             except BaseExceptionGroup as eg:
-                raise _first(eg) from None
+                raise first_error(eg) from None
             await self.source.finish()
         except BaseException:
             await self.source.close()
@@ -151,7 +161,7 @@ class FileLoad:
             if slot.remaining == 0:
                 await self._allocate(slot)
                 self._complete(slot)
-        window = asyncio.Semaphore(self.concurrency)
+        window = self.window or asyncio.Semaphore(self.concurrency)
         for span in self.spans:
             new = [self.slots[p.tensor.name] for p in span.pieces
                    if self.slots[p.tensor.name].tensor is None and not self.slots[p.tensor.name].ready]
@@ -161,6 +171,7 @@ class FileLoad:
             for slot in new:
                 self._allocate_now(slot)
             group.create_task(self._span(span, buffer, window))
+        self.admitted.set()
 
     async def _allocate(self, slot: Slot) -> None:
         await self.budget.take(slot.nbytes)
@@ -210,7 +221,40 @@ class FileLoad:
             self.emit(head)
 
 
-def _first(eg: BaseExceptionGroup) -> BaseException:
+class Pipeline:
+    """The files of one load as one stream of reads: file ``i + 1`` starts admitting spans as
+    soon as file ``i`` has admitted its last, into the same window, so the requests in flight
+    do not drain at a file boundary (two shards loaded one after the other lost ~16 % to it).
+    Tensors still reach the caller in file order: those of a later file wait here until every
+    earlier file has emitted all of its own."""
+
+    def __init__(self, count: int, emit: Callable[[Slot], None], concurrency: int) -> None:
+        self.emit = emit
+        self.window = asyncio.Semaphore(max(1, concurrency))
+        self._current = 0
+        self._held: list[list[Slot]] = [[] for _ in range(count)]
+        self._done = [False] * count
+
+    def emitter(self, index: int) -> Callable[[Slot], None]:
+        def emit(slot: Slot) -> None:
+            if index == self._current:
+                self.emit(slot)
+            else:
+                self._held[index].append(slot)
+        return emit
+
+    def finished(self, index: int) -> None:
+        """File ``index`` has emitted every tensor: hand over the next files' held ones."""
+        self._done[index] = True
+        while self._current < len(self._done) and self._done[self._current]:
+            self._current += 1
+            if self._current < len(self._held):
+                held, self._held[self._current] = self._held[self._current], []
+                for slot in held:
+                    self.emit(slot)
+
+
+def first_error(eg: BaseExceptionGroup) -> BaseException:
     """The error to show from a task group: the first leaf that is not a cancellation."""
     leaves: list[BaseException] = []
 

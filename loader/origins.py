@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from coldbrew.agent.origin.origin import Origin
 
 
-def origin_settings(uri: str, concurrency: int, endpoint_url: str | None) -> OriginSettings:
+def origin_settings(uri: str, concurrency: int | None, endpoint_url: str | None) -> OriginSettings:
     """The origin settings for ``uri``: the environment's, with the load's GETs in flight and
     its S3 endpoint (when given) on top."""
     from coldbrew.agent.config import OriginSettings
@@ -33,7 +33,7 @@ def origin_settings(uri: str, concurrency: int, endpoint_url: str | None) -> Ori
 class Origins:
     """Where a load gets the origin of a URI."""
 
-    def __init__(self, concurrency: int, endpoint_url: str | None) -> None:
+    def __init__(self, concurrency: int | None, endpoint_url: str | None) -> None:
         self.concurrency = concurrency
         self.endpoint_url = endpoint_url
 
@@ -61,7 +61,7 @@ class SharedOrigins(Origins):
 class OwnOrigins(Origins):
     """Origins private to the loop they are used on; :meth:`close` them before it ends."""
 
-    def __init__(self, concurrency: int, endpoint_url: str | None) -> None:
+    def __init__(self, concurrency: int | None, endpoint_url: str | None) -> None:
         super().__init__(concurrency, endpoint_url)
         self._made: dict[OriginSettings, Origin] = {}
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 class Recall:
     """The write-through cache's record of one location, and the check that it is current."""
 
-    def __init__(self, cache: WriteThroughCache, target: Target, concurrency: int,
+    def __init__(self, cache: WriteThroughCache, target: Target, concurrency: int | None,
                  endpoint_url: str | None) -> None:
         self.cache = cache
         self.target = target
@@ -35,7 +35,7 @@ class Recall:
 
     @classmethod
     def for_load(cls, target: Target, *, cache: WriteThroughCache | None, agent: AgentClient | None,
-                 names: NameFilter, streaming: bool, concurrency: int,
+                 names: NameFilter, streaming: bool, concurrency: int | None,
                  endpoint_url: str | None) -> Recall | None:
         """A recall for whole loads without an agent into memory the call returns (not
         streamed) of a remote location; None for any other load."""

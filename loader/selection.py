@@ -78,14 +78,12 @@ class SourceOpener:
     ``origins``, as the module docstring says."""
 
     def __init__(self, agent: AgentClient | None, origins: Origins,
-                 cache: WriteThroughCache | None, concurrency: int, *,
-                 agent_required: bool = False) -> None:
+                 cache: WriteThroughCache | None, *, agent_required: bool = False) -> None:
         self.agent = agent
         #: agent=True: a load whose agent goes away fails; else it goes on from the origin.
         self.agent_required = agent_required
         self.origins = origins
         self.cache = cache
-        self.concurrency = concurrency
 
     async def open_all(self, files: list[str]) -> list[Source]:
         """Every file's source, in order; if one fails, those already open are closed."""
@@ -112,8 +110,7 @@ class SourceOpener:
         from coldbrew.agent.origin.origin import ObjectInfo  # fsspec: only when needed
 
         origin = await self.origins.get(identity.uri)
-        return OriginSource(origin, ObjectInfo(identity.uri, identity.size, identity.etag),
-                            self.concurrency)
+        return OriginSource(origin, ObjectInfo(identity.uri, identity.size, identity.etag))
 
     async def open(self, location: str) -> Source:
         if not is_remote(location):
@@ -138,11 +135,11 @@ class SourceOpener:
             entry = await asyncio.get_running_loop().run_in_executor(
                 None, self.cache.lookup, info.identity)
             if entry is not None:
-                fallback = OriginSource(origin, info, self.concurrency)
+                fallback = OriginSource(origin, info)
                 try:
                     return await CacheFileSource.open_entry(entry, self.cache, fallback, location)
                 except (OSError, HeaderError) as e:
                     log.warning("coldbrew.loader: cache entry for %s unusable (%s); reading the "
                                 "origin", location, e)
                     self.cache.discard(entry)
-        return await OriginSource.open(origin, info, self.concurrency)
+        return await OriginSource.open(origin, info)

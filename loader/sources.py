@@ -18,8 +18,8 @@ never sees HTTP, cache files or digests. The sources:
   cache (cache full) are streamed over the socket.
 * :class:`OriginSource` — S3 or any fsspec URL through the agent's
   :class:`~coldbrew.agent.origin.origin.Origin` (retries, backoff, If-Match pinned to
-  the ETag): large views are filled by their own ranged GET straight into the
-  destination memory; runs of small ones share one GET through a scratch buffer.
+  the ETag): one ranged GET per span, read straight into the destination memory
+  of every tensor it carries (the bytes between them into scratch).
 
 Every range a source reads lies in one block of ``span_bytes`` (the engine
 plans on that grid), which is what lets the verified sources check whole
@@ -61,8 +61,6 @@ View = tuple[int, memoryview]
 DEFAULT_SPAN_BYTES = 16 << 20
 #: First ranged GET of a remote file: enough for the header of any usual model shard.
 HEADER_PROBE_BYTES = 1 << 20
-#: An origin view at least this large gets its own GET, straight into the destination.
-DIRECT_GET_MIN_BYTES = 1 << 20
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 
 
@@ -362,13 +360,17 @@ class AgentSource(Source):
         return self
 
     async def _read_bytes(self, offset: int, length: int) -> bytes:
-        """Small reads (the header): through verified chunk fills, chunk by chunk."""
+        """Small reads (the header): through verified chunk fills, chunk by chunk. Not counted
+        in the load's bytes by source: the load reads these chunks again for their tensors (a
+        2 GiB model in 2 shards counted 2.18 GB, two 16 MiB first chunks twice)."""
         buf = bytearray(max(length, 0))
         pos = offset
+        counted = dict(self.stats.by_kind)
         while pos < offset + length:
             chunk_end = min((pos // self.span_bytes + 1) * self.span_bytes, offset + length)
             await self.fill(pos, chunk_end, [(pos, memoryview(buf)[pos - offset:chunk_end - offset])])
             pos = chunk_end
+        self.stats.by_kind = counted
         return bytes(buf)
 
     async def start(self, full: bool) -> None:
@@ -551,18 +553,17 @@ class OriginSource(Source):
 
     kind = "origin"
 
-    def __init__(self, origin: Any, info: Any, concurrency: int) -> None:
+    def __init__(self, origin: Any, info: Any) -> None:
         super().__init__()
         self.origin = origin
         self.info = info
         self.name = info.uri
         self.identity = info.identity
-        self._gets = asyncio.Semaphore(concurrency)
         self.requests = 0
 
     @classmethod
-    async def open(cls, origin: Any, info: Any, concurrency: int) -> OriginSource:
-        self = cls(origin, info, concurrency)
+    async def open(cls, origin: Any, info: Any) -> OriginSource:
+        self = cls(origin, info)
         size = info.size
         probe = bytearray(min(size, HEADER_PROBE_BYTES))
         await self._read(0, memoryview(probe))
@@ -580,42 +581,19 @@ class OriginSource(Source):
         self.header = parse_header_bytes(self.header_bytes, size, self.name)
         return self
 
-    async def _read(self, begin: int, view: memoryview) -> None:
-        async with self._gets:
+    async def _read(self, begin: int, view: memoryview | list[memoryview]) -> None:
+        # The origin's own limit (fixed, or adapting to the link), shared by every file the
+        # process loads from it.
+        async with self.origin.flow.gate():
             self.requests += 1
             await self.origin.read_into(self.info, begin, view)
 
     async def fill(self, begin: int, end: int, views: Sequence[View]) -> None:
-        await asyncio.gather(*(self._get(b, e, group) for b, e, group in _group_gets(views)))
+        """One ranged GET for the span, scattered into its tensors' memory (the bytes between
+        them into scratch): a span of many small tensors costs one request, not one each."""
+        wanted = [(offset, v) for offset, v in views if len(v)]
+        if wanted:
+            first, last = wanted[0][0], wanted[-1][0] + len(wanted[-1][1])
+            parts = cover(first, last, wanted)
+            await self._read(first, parts[0] if len(parts) == 1 else parts)
         self.stats.add(self.kind, end - begin)
-
-    async def _get(self, begin: int, end: int, group: Sequence[View]) -> None:
-        if len(group) == 1 and len(group[0][1]) == end - begin:
-            await self._read(begin, group[0][1])
-            return
-        scratch = memoryview(bytearray(end - begin))
-        await self._read(begin, scratch)
-        for offset, v in group:
-            v[:] = scratch[offset - begin:offset - begin + len(v)]
-
-
-def _group_gets(views: Sequence[View]) -> list[tuple[int, int, list[View]]]:
-    """One GET per large view; runs of small views share one."""
-    out: list[tuple[int, int, list[View]]] = []
-    run: list[View] = []
-
-    def flush() -> None:
-        if run:
-            out.append((run[0][0], run[-1][0] + len(run[-1][1]), list(run)))
-            run.clear()
-
-    for offset, v in views:
-        if not len(v):
-            continue
-        if len(v) >= DIRECT_GET_MIN_BYTES:
-            flush()
-            out.append((offset, offset + len(v), [(offset, v)]))
-        else:
-            run.append((offset, v))
-    flush()
-    return out

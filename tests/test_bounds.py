@@ -34,7 +34,22 @@ def test_each_bound_is_refused_with_its_limit_named(env: dict[str, str], words: 
 def test_the_budget_admits_what_fits() -> None:
     cfg = load_config(env={**BASE, "COLDBREW_FETCH_CONCURRENCY": "200", "COLDBREW_MEMORY_BUDGET": "4GiB"})
     assert cfg.fetch_concurrency * cfg.chunk_size <= cfg.memory_budget
-    assert load_config(env=BASE).fetch_concurrency == 8  # the defaults fit the default budget
+    auto = load_config(env=BASE)
+    assert auto.fetch_concurrency is None  # the default adapts, within the default budget
+    assert auto.origin_settings.max_in_flight * auto.chunk_size <= auto.memory_budget
+
+
+def test_auto_concurrency_keeps_within_the_budget_by_itself() -> None:
+    """A budget too small for fetch_concurrency_max chunks lowers auto's maximum instead of
+    refusing to start; a fixed number that does not fit is still refused."""
+    cfg = load_config(env={**BASE, "COLDBREW_MEMORY_BUDGET": "256MiB", "COLDBREW_CHUNK_SIZE": "32MiB"})
+    assert cfg.origin_settings.max_in_flight == 8
+    assert load_config(env={**BASE, "COLDBREW_FETCH_CONCURRENCY": "auto"}).fetch_concurrency is None
+    with pytest.raises(ConfigError, match="exceeds memory_budget"):
+        load_config(env={**BASE, "COLDBREW_FETCH_CONCURRENCY": "9", "COLDBREW_MEMORY_BUDGET": "256MiB",
+                         "COLDBREW_CHUNK_SIZE": "32MiB"})
+    with pytest.raises(ConfigError, match="above the limit of 256"):
+        load_config(env={**BASE, "COLDBREW_FETCH_CONCURRENCY_MAX": "1000"})
 
 
 @pytest.mark.parametrize(("flag", "value", "words"), [

@@ -42,16 +42,7 @@ def single_files(root: Path) -> list[Path]:
 @pytest.fixture
 def small_spans(monkeypatch):
     monkeypatch.setattr(sources.Source, "span_bytes", 64 * KiB)
-    monkeypatch.setattr(sources, "DIRECT_GET_MIN_BYTES", 16 * KiB)
     monkeypatch.setattr(sources, "HEADER_PROBE_BYTES", 64)  # most headers need a second GET
-
-
-@pytest.fixture
-def no_agent_env(s3, monkeypatch, tmp_path):
-    for k, v in s3.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("COLDBREW_SOCKET", str(tmp_path / "no-agent.sock"))
-    monkeypatch.setenv("COLDBREW_LOADER_CACHE", str(tmp_path / "loader-cache"))
 
 
 def upload(s3_client, bucket: str, root: Path) -> None:
@@ -149,7 +140,7 @@ def test_loaded_tensors_are_owned_and_writable(corpus):
 # --- S3 without an agent, then from the write-through cache ------------------------------
 
 
-def test_s3_without_agent_then_from_cache(corpus, small_spans, no_agent_env, bucket, s3_client,
+def test_s3_without_agent_then_from_cache(corpus, small_spans, loader_env, bucket, s3_client,
                                          tmp_path):
     upload(s3_client, bucket, corpus)
     cold = check_all(corpus, lambda rel: f"s3://{bucket}/m/{rel}")
@@ -163,7 +154,7 @@ def test_s3_without_agent_then_from_cache(corpus, small_spans, no_agent_env, buc
     assert all(set(s["bytes_by_source"]) <= {"origin"} for s in again)
 
 
-def test_s3_prefix_without_trailing_slash_is_a_dir(corpus, no_agent_env, bucket, s3_client):
+def test_s3_prefix_without_trailing_slash_is_a_dir(corpus, loader_env, bucket, s3_client):
     upload(s3_client, bucket, corpus / "plain")
     ref = {}
     for shard in sorted((corpus / "plain").glob("*.safetensors")):
@@ -216,6 +207,8 @@ def test_a_header_read_in_two_gets_never_resizes_a_buffer_a_reader_may_hold(monk
     import json
     import struct
 
+    from coldbrew.agent.origin.adaptive import FixedLimit
+    from coldbrew.agent.origin.flow import Flow
     from coldbrew.agent.origin.origin import ObjectInfo
 
     header = json.dumps({"t": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}).encode()
@@ -223,12 +216,14 @@ def test_a_header_read_in_two_gets_never_resizes_a_buffer_a_reader_may_hold(monk
     held: list[memoryview] = []
 
     class HoldingOrigin:  # a real origin's data plane, minus the network and the race
+        flow = Flow(FixedLimit(2))
+
         async def read_into(self, obj: ObjectInfo, start: int, view: memoryview) -> None:
             view[:] = data[start:start + len(view)]
             held.append(view)
 
     monkeypatch.setattr(sources, "HEADER_PROBE_BYTES", 16)
     info = ObjectInfo("s3://b/m.safetensors", len(data), '"e"')
-    source = asyncio.run(sources.OriginSource.open(HoldingOrigin(), info, 2))
+    source = asyncio.run(sources.OriginSource.open(HoldingOrigin(), info))
     assert len(held) == 2, "the header took a second GET"
     assert source.header_bytes == data[:8 + len(header)]

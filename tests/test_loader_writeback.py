@@ -34,7 +34,6 @@ def env(s3, monkeypatch, tmp_path):
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("COLDBREW_SOCKET", str(tmp_path / "no-agent.sock"))
     monkeypatch.setattr(sources.Source, "span_bytes", 256 * KiB)
-    monkeypatch.setattr(sources, "DIRECT_GET_MIN_BYTES", 32 * KiB)
 
 
 @pytest.fixture

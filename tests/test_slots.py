@@ -198,7 +198,7 @@ def test_cancel_after_grant_before_resume_releases_the_buffer():
         assert entered == []
         got = await asyncio.wait_for(_take(slots), timeout=1)
         assert len(got) == 8
-        assert slots._allocated == 1
+        assert slots._in_use == 0 and len(slots._free) == 1  # the one buffer, back and reused
 
     run(main())
 
@@ -240,7 +240,7 @@ def test_buffers_are_reused_and_never_more_than_count_allocated():
         await asyncio.gather(*(worker(i) for i in range(50)))
         assert peak == 3
         assert len(seen) == 3            # the same three bytearrays served all 50 holders
-        assert slots._allocated == 3
+        assert len(slots._free) == 3 and slots._in_use == 0
         assert sorted(map(id, slots._free)) == sorted(seen)
 
     run(main())
@@ -249,11 +249,11 @@ def test_buffers_are_reused_and_never_more_than_count_allocated():
 def test_buffers_are_allocated_lazily():
     async def main():
         slots = Slots(8, 64)
-        assert slots._allocated == 0
+        assert not slots._free and slots._in_use == 0
         first = await _take(slots)
         second = await _take(slots)
         assert first is second  # one at a time needs only one buffer
-        assert slots._allocated == 1
+        assert len(slots._free) == 1
 
     run(main())
 
@@ -273,5 +273,32 @@ def test_waiting_counts_a_boosted_waiter_once():
                 rec.release[name].set()
                 await settle()
             await asyncio.gather(*tasks)
+
+    run(main())
+
+
+def test_the_limit_is_read_at_every_grant():
+    """The origin's limit (fetch_concurrency = auto) moves: more slots as it grows, and a
+    buffer released above a lower limit is dropped, so its memory goes back."""
+    async def main():
+        limit = [2]
+        slots = Slots(lambda: limit[0], 8)
+        held = [slots.acquire(0) for _ in range(4)]
+        first = [await h.__aenter__() for h in held[:2]]
+        third = asyncio.ensure_future(held[2].__aenter__())
+        await settle()
+        assert not third.done() and slots.waiting == 1  # at the limit
+        limit[0] = 3
+        await held[0].__aexit__(None, None, None)  # a release grants up to the new limit
+        await settle()
+        assert third.done()
+        fourth = asyncio.ensure_future(held[3].__aenter__())
+        await settle()
+        assert fourth.done(), "three held of a limit of 3 once one went back... and one more room"
+        limit[0] = 1
+        for h in (held[1], held[2], held[3]):
+            await h.__aexit__(None, None, None)
+        assert slots._in_use == 0 and len(slots._free) == 1, "buffers above the limit dropped"
+        assert len(first) == 2
 
     run(main())

@@ -256,6 +256,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"agent: cache {format_size(agent['cache_bytes'])} of {format_size(agent['cache_capacity_bytes'])}"
           f" · served from cache {format_size(served['cache'])}, peers {format_size(served['peer'])},"
           f" origin {format_size(served['origin'])}")
+    if agent.get("origin_concurrency") is not None:
+        how = "auto" if agent.get("origin_concurrency_auto") else "fixed"
+        rate = agent.get("origin_throughput") or 0
+        print(f"origin: {agent['origin_concurrency']} GETs in flight ({how})"
+              + (f", {format_size(int(rate))}/s last measured" if rate else ""))
     if agent.get("origin_reachable") is False:
         print(f"origin: unreachable, serving cache ({agent.get('origin_error') or 'no answer'})")
     p2p = agent.get("p2p")

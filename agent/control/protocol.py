@@ -234,6 +234,11 @@ class AgentTotals(Message):
     #: origin_unreachable = fail); ``origin_error`` says what failed. Null from older agents.
     origin_reachable: bool | None = None
     origin_error: str | None = None
+    #: Origin GETs allowed in flight now, whether that number adapts (fetch_concurrency =
+    #: auto), and the throughput its last round measured (bytes/s). Null from older agents.
+    origin_concurrency: int | None = None
+    origin_concurrency_auto: bool | None = None
+    origin_throughput: float | None = None
 
 
 @dataclass(frozen=True)

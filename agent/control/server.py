@@ -235,6 +235,9 @@ class ControlAPI:
             p2p=self.p2p_status() if self.p2p_status else None,
             origin_reachable=self.fetcher.origin.health.reachable,
             origin_error=self.fetcher.origin.health.error or None,
+            origin_concurrency=self.fetcher.origin.flow.allowed,
+            origin_concurrency_auto=self.fetcher.origin.flow.limit.adaptive,
+            origin_throughput=round(self.fetcher.origin.flow.limit.throughput, 1),
         )
 
     async def ls(self, request: web.Request) -> web.Response:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from ..cache.store import ChunkStore, Entry
 from ..errors import CacheError, ColdbrewError, CorruptData, ManifestRejected, ObjectChanged
 from ..metrics import AgentMetrics
+from ..origin.flow import START
 from ..origin.origin import ObjectInfo, Origin
 from .origin_source import OriginSource
 from .slots import Slots
@@ -53,13 +54,24 @@ class _Flight:
 
 class Fetcher:
     def __init__(self, origin: Origin, store: ChunkStore, metrics: AgentMetrics,
-                 concurrency: int, stat_ttl_s: float = 2.0, peers: ChunkSource | None = None,
-                 origin_unreachable: str = "serve-cached") -> None:
+                 concurrency: int | None = None, stat_ttl_s: float = 2.0,
+                 peers: ChunkSource | None = None, origin_unreachable: str = "serve-cached") -> None:
+        """``concurrency``: origin GETs in flight, fixed; None: the origin's own limit, which
+        adapts (:mod:`..origin.flow`)."""
         self.origin = origin
         self.store = store
         self.metrics = metrics
-        self.slots = Slots(concurrency, store.chunk_size)
-        self.concurrency = concurrency
+        if concurrency is None:
+            flow = origin.flow
+            self.slots = Slots(lambda: flow.allowed, store.chunk_size)
+            widest = origin.max_in_flight
+        else:
+            self.slots = Slots(concurrency, store.chunk_size)
+            widest = concurrency
+        # Chunks a prewarm keeps in flight: enough to fill every slot the limit may allow. Not
+        # wider with peers: many piece requests at once made libtorrent stall some of them
+        # (bench/RESULTS.md, Finding: P2P rollout).
+        self.concurrency = widest if peers is None else min(widest, concurrency or START)
         self.stat_ttl_s = stat_ttl_s
         self.peers = peers
         #: Asked in this order for every chunk that is not in the cache yet.
@@ -281,8 +293,6 @@ class Fetcher:
                 if count and stop_when_uncached:
                     return  # the others stop too: each checks after its chunk
 
-        # Not wider with peers: many piece requests at once made libtorrent stall some of
-        # them (bench/RESULTS.md, P2P rollout).
         workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
         try:
             await asyncio.gather(*workers)

@@ -10,6 +10,10 @@ Each slot owns one chunk-sized buffer for as long as it is held. Buffers are
 reused rather than allocated per chunk: fresh memory is slow on these VMs
 (~0.3 GB/s first touch) and reuse keeps the agent's memory flat however large
 the model.
+
+How many slots there are is the origin's limit (:mod:`..origin.flow`), read at every grant:
+it may grow (more buffers, made as needed) and shrink (a buffer released above it is
+dropped, so the memory goes back).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 
@@ -43,33 +47,41 @@ class Waiter:
 
 
 class Slots:
-    def __init__(self, count: int, buffer_bytes: int) -> None:
-        self.count = count
+    """``limit``: how many slots may be held now (a number, or read at each grant)."""
+
+    def __init__(self, limit: int | Callable[[], int], buffer_bytes: int) -> None:
+        self._limit = limit if callable(limit) else (lambda: limit)
         self.buffer_bytes = buffer_bytes
         self._free: list[bytearray] = []
-        self._allocated = 0
+        self._in_use = 0
         self._heap: list[tuple[int, int, Waiter]] = []
         self._seq = itertools.count()
+
+    @property
+    def count(self) -> int:
+        return max(1, self._limit())
 
     def _push(self, waiter: Waiter) -> None:
         heapq.heappush(self._heap, (waiter.priority, next(self._seq), waiter))
 
     def _take_buffer(self) -> bytearray | None:
+        if self._in_use >= self.count:
+            return None
+        self._in_use += 1
         if self._free:
             return self._free.pop()
-        if self._allocated < self.count:
-            self._allocated += 1
-            return _new_buffer(self.buffer_bytes)
-        return None
+        # Made while a GET waits: not touched here (that would cost the loop ~50 ms per
+        # 16 MiB); the thread that reads into it faults its pages in.
+        return bytearray(self.buffer_bytes)
 
     def preallocate(self) -> None:
-        """Allocate and touch every buffer now (call from a thread at start-up).
+        """Allocate and touch the buffers of the current limit now (call from a thread at
+        start-up).
 
         First touch of fresh memory runs at ~0.3 GB/s on these VMs; paying it at
         start keeps it off the first prewarm and off the event loop.
         """
-        while self._allocated < self.count:
-            self._allocated += 1
+        while len(self._free) + self._in_use < self.count:
             self._free.append(_new_buffer(self.buffer_bytes))
 
     def _grant_next(self) -> None:
@@ -107,7 +119,9 @@ class Slots:
             self._release(buf)
 
     def _release(self, buf: bytearray) -> None:
-        self._free.append(buf)
+        self._in_use -= 1
+        if len(self._free) + self._in_use < self.count:
+            self._free.append(buf)  # else the limit shrank: this buffer's memory goes back
         self._grant_next()
 
     @property

@@ -22,7 +22,7 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -45,6 +45,7 @@ from ..errors import (
     redact,
 )
 from ..metrics import AgentMetrics
+from .flow import Flow
 from .health import QUICK, OriginHealth
 from .retry import RetryPolicy, with_retries
 
@@ -65,6 +66,9 @@ class ObjectInfo:
         return FileIdentity(self.uri, self.etag, self.size)
 
 
+#: Retry reasons that mean "ask less at once" (TransientOriginError.reason).
+THROTTLED = frozenset({"slowdown", "503", "throttling", "throttlingexception",
+                       "serviceunavailable", "requestlimitexceeded"})
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404", "NoSuchVersion"}
 _DENIED_CODES = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                  "ExpiredToken", "InvalidToken", "AllAccessDisabled", "AccountProblem"}
@@ -220,13 +224,18 @@ class Origin:
         self.unreachable_policy = config.origin_unreachable
         #: Whether the origin answers (see :mod:`.health`); every operation updates it.
         self.health = OriginHealth()
+        #: Data GETs in flight: their limit (adaptive unless fetch_concurrency fixes it).
+        self.flow = Flow.for_settings(config)
+        self.max_in_flight = config.max_in_flight
+        if metrics:
+            metrics.origin_concurrency.set(self.flow.allowed)
         self._fs: fsspec.AbstractFileSystem | None = None if self.is_s3 else self._make_fs(config)
         if self.is_s3:
             from .s3data import S3RangeReader
 
             self._data = S3RangeReader(config)
             # One thread per GET in flight; the default executor (cores + 4) would cap them.
-            self._data_pool = ThreadPoolExecutor(max(4, config.fetch_concurrency * 2),
+            self._data_pool = ThreadPoolExecutor(max(4, config.max_in_flight * 2),
                                                  thread_name_prefix="s3-get")
 
     @property
@@ -252,7 +261,7 @@ class Origin:
                 "retries": {"total_max_attempts": 1, "mode": "standard"},
                 "connect_timeout": config.connect_timeout_s,
                 "read_timeout": config.read_timeout_s,
-                "max_pool_connections": max(16, 2 * config.fetch_concurrency),
+                "max_pool_connections": max(16, 2 * config.max_in_flight),
             },
             asynchronous=True,
             loop=asyncio.get_running_loop(),
@@ -470,8 +479,11 @@ class Origin:
         return from_s3_head(obj.size, obj.etag, head.get("ChecksumSHA256"),
                             head.get("ChecksumType"), sizes)
 
-    async def read_into(self, obj: ObjectInfo, start: int, buf: memoryview) -> None:
-        """Fill ``buf`` with bytes [start, start+len(buf)) of ``obj``, retrying transient faults."""
+    async def read_into(self, obj: ObjectInfo, start: int, buf: memoryview | Sequence[memoryview]
+                        ) -> None:
+        """Fill ``buf`` with bytes [start, start+len(buf)) of ``obj``, retrying transient faults.
+
+        ``buf`` may be a list of buffers: one ranged GET fills them in order (a scatter read)."""
         await self._get(obj, start, buf, self._read_s3 if self.is_s3 else self._read_generic)
 
     @property
@@ -489,18 +501,27 @@ class Origin:
             raise UsageError(f"{obj.uri}: landing needs an S3 origin")
         await self._get(obj, start, buf, functools.partial(self._read_s3, write=write))
 
-    async def _get(self, obj: ObjectInfo, start: int, buf: memoryview,
-                   reader: Callable[[ObjectInfo, int, memoryview], Awaitable[None]]) -> None:
+    async def _get(self, obj: ObjectInfo, start: int, buf: memoryview | Sequence[memoryview],
+                   reader: Callable[..., Awaitable[None]]) -> None:
         """One ranged read through ``reader``: checked, retried, counted."""
-        end = start + len(buf)
+        length = _length(buf)
+        end = start + length
         if not 0 <= start <= end <= obj.size:
             raise UsageError(f"{obj.uri}: range {start}-{end} outside 0-{obj.size}")
-        await self._call("get", obj.uri, reader, obj, start, buf,
-                         what=f"GET {obj.uri} bytes {start}-{end - 1}")
+        started = self.flow.began()
+        done = 0
+        try:
+            await self._call("get", obj.uri, reader, obj, start, buf,
+                             what=f"GET {obj.uri} bytes {start}-{end - 1}")
+            done = length
+        finally:
+            self.flow.ended(done, started)
         if self.metrics:
-            self.metrics.origin_bytes.inc(len(buf))
+            self.metrics.origin_bytes.inc(length)
+            self.metrics.origin_concurrency.set(self.flow.allowed)
+            self.metrics.origin_throughput.set(self.flow.limit.throughput)
 
-    async def _read_s3(self, obj: ObjectInfo, start: int, buf: memoryview,
+    async def _read_s3(self, obj: ObjectInfo, start: int, buf: memoryview | Sequence[memoryview],
                        write: Callable[[int, memoryview], None] | None = None) -> None:
         bucket, key = self._bucket_key(obj.uri)
         loop = asyncio.get_running_loop()
@@ -512,21 +533,26 @@ class Origin:
         if etag != obj.etag:
             raise ObjectChanged(f"{obj.uri} changed at the origin (ETag {obj.etag} → "
                                 f"{etag}); open it again to read the new version")
-        if filled < len(buf):
-            raise TransientOriginError(f"{obj.uri}: short body, {filled} of {len(buf)} bytes "
+        if filled < _length(buf):
+            raise TransientOriginError(f"{obj.uri}: short body, {filled} of {_length(buf)} bytes "
                                        f"from offset {start}", reason="short_body")
 
-    async def _read_generic(self, obj: ObjectInfo, start: int, buf: memoryview) -> None:
+    async def _read_generic(self, obj: ObjectInfo, start: int,
+                            buf: memoryview | Sequence[memoryview]) -> None:
         path = self._path(obj.uri)
-        data = await asyncio.to_thread(self.fs.cat_file, path, start, start + len(buf))
+        length = _length(buf)
+        data = await asyncio.to_thread(self.fs.cat_file, path, start, start + length)
         info = await asyncio.to_thread(self.fs.info, path)
         if _etag_of(info) != obj.etag or int(info["size"]) != obj.size:
             raise ObjectChanged(f"{obj.uri} changed at the origin while it was being read; "
                                 "open it again to read the new version")
-        if len(data) < len(buf):
-            raise TransientOriginError(f"{obj.uri}: short read, {len(data)} of {len(buf)} bytes",
+        if len(data) < length:
+            raise TransientOriginError(f"{obj.uri}: short read, {len(data)} of {length} bytes",
                                        reason="short_body")
-        buf[:] = data
+        pos, got = 0, memoryview(data)
+        for part in [buf] if isinstance(buf, memoryview) else buf:
+            part[:] = got[pos:pos + len(part)]
+            pos += len(part)
 
     async def _call(self, op: str, uri: str, fn: Any, *args: Any, what: str | None = None,
                     policy: RetryPolicy | None = None) -> Any:
@@ -552,6 +578,8 @@ class Origin:
             return result
 
         def on_retry(e: TransientOriginError, number: int, pause: float) -> None:
+            if e.reason in THROTTLED:
+                self.flow.throttled()
             if self.metrics:
                 self.metrics.origin_retries.labels(e.reason).inc()
             log.info("origin retry", extra={"op": op, "uri": uri, "attempt": number,
@@ -581,3 +609,7 @@ class Origin:
         if self.metrics:
             self.metrics.origin_requests.labels(op, outcome).inc()
 
+
+def _length(buf: memoryview | Sequence[memoryview]) -> int:
+    """Bytes a read fills: one buffer's length, or a scatter read's total."""
+    return len(buf) if isinstance(buf, memoryview) else sum(len(p) for p in buf)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..config import OriginSettings
@@ -41,7 +41,7 @@ class S3RangeReader:
             retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=settings.connect_timeout_s,
             read_timeout=settings.read_timeout_s,
-            max_pool_connections=max(16, 2 * settings.fetch_concurrency),
+            max_pool_connections=max(16, 2 * settings.max_in_flight),
             signature_version=UNSIGNED if settings.anonymous else None,
         )
         session = botocore.session.get_session()
@@ -53,19 +53,28 @@ class S3RangeReader:
                                              region_name=settings.region, config=config)
         self._lock = threading.Lock()
 
-    def read_into(self, bucket: str, key: str, start: int, buf: memoryview, etag: str) -> tuple[int, str]:
+    def read_into(self, bucket: str, key: str, start: int, buf: memoryview | Sequence[memoryview],
+                  etag: str) -> tuple[int, str]:
         """Fill ``buf`` from offset ``start``; returns (bytes read, ETag answered).
 
-        Fewer bytes than ``len(buf)`` means the body was cut short; the caller decides.
+        ``buf`` may be several buffers, filled one after another by the one GET (a scatter
+        read: a load's span lands in its tensors' memory, the bytes between them in scratch).
+        Fewer bytes than their total means the body was cut short; the caller decides.
         """
+        parts = [buf] if isinstance(buf, memoryview) else list(buf)
+        total = sum(len(p) for p in parts)
         resp: dict[str, Any] = self._client.get_object(
-            Bucket=bucket, Key=key, Range=f"bytes={start}-{start + len(buf) - 1}", IfMatch=etag)
+            Bucket=bucket, Key=key, Range=f"bytes={start}-{start + total - 1}", IfMatch=etag)
         raw = resp["Body"]._raw_stream  # the urllib3 response
         filled = 0
         try:
-            filled = _fill(raw, buf)
+            for part in parts:
+                n = _fill(raw, part)
+                filled += n
+                if n < len(part):
+                    break  # cut short
         finally:
-            _finish(resp, raw, filled == len(buf))
+            _finish(resp, raw, filled == total)
         return filled, resp.get("ETag", etag)
 
     def land(self, bucket: str, key: str, start: int, buf: memoryview, etag: str,

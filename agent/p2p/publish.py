@@ -44,7 +44,7 @@ async def publish(uri: str, chunk_size: int, settings: OriginSettings, *, force:
             on_files(infos)
         out = []
         for info in infos:
-            out.append(await _publish_one(origin, info, chunk_size, settings.fetch_concurrency,
+            out.append(await _publish_one(origin, info, chunk_size, origin.flow.allowed,
                                           force, on_bytes))
         return out
     finally:

@@ -33,6 +33,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from re import Pattern
@@ -279,12 +280,13 @@ async def _copy_chunked(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
 
 
 class _Effects:
-    """Per-response body state for truncate / corrupt / mid-body delay."""
+    """Per-response body state for truncate / corrupt / mid-body delay / its own pace."""
 
-    __slots__ = ("pos", "cut_at", "flip_at", "stall_at", "stall_s")
+    __slots__ = ("pos", "paced_until", "cut_at", "flip_at", "stall_at", "stall_s")
 
     def __init__(self, fault: Fault | None):
         self.pos = 0
+        self.paced_until = 0.0
         self.cut_at = self.flip_at = self.stall_at = None
         self.stall_s = 0.0
         if fault is None:
@@ -327,6 +329,17 @@ class _UpstreamDown(Exception):
 # --------------------------------------------------------------------------- proxy
 
 
+@dataclass(frozen=True)
+class Served:
+    """One request as the proxy saw it: when it came and when its answer was sent."""
+
+    method: str
+    target: str
+    range: str  # the Range header, "" without one
+    began: float  # time.monotonic()
+    ended: float
+
+
 def _zero_counts() -> dict:
     return {
         "requests": 0,             # client requests seen (faulted or not)
@@ -355,8 +368,12 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._rules: list[Rule] = []
         self._counts = _zero_counts()
+        self._timeline: list[Served] = []
         self._bandwidth = bandwidth
         self._bw_next = 0.0  # token bucket as a virtual clock: when the link is next free
+        #: Cap on each response body's own rate, bytes/s (None: none): one TCP connection of
+        #: a long-haul link, whose window bounds it whatever the others do.
+        self.connection_bandwidth: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -454,6 +471,13 @@ class FaultProxy:
     def reset_counts(self) -> None:
         with self._lock:
             self._counts = _zero_counts()
+            self._timeline = []
+
+    @property
+    def timeline(self) -> list[Served]:
+        """Every request served since the last :meth:`reset_counts`, in the order they ended."""
+        with self._lock:
+            return list(self._timeline)
 
     @property
     def bandwidth(self) -> float | None:
@@ -515,7 +539,12 @@ class FaultProxy:
                     return
                 req = _Head(raw)
                 fault, number = self._select(req)
-                if not await self._handle(req, fault, number, creader, cwriter, up):
+                began = time.monotonic()
+                keep = await self._handle(req, fault, number, creader, cwriter, up)
+                with self._lock:
+                    self._timeline.append(Served(req.start[0].upper(), req.start[1],
+                                                 req.get("range"), began, time.monotonic()))
+                if not keep:
                     return
         except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass  # a peer went away or spoke nonsense: drop the connection, as a server would
@@ -706,6 +735,7 @@ class FaultProxy:
                 fx.flip_at = None
                 self._fire("corrupt")
             await self._throttle(len(data))
+            await self._pace(fx, len(data))
             self._count("response_body_bytes", len(data))
             dst.write(data)
             await dst.drain()
@@ -716,10 +746,19 @@ class FaultProxy:
 
     def _piece(self) -> int:
         # Under a bandwidth cap, smaller pieces keep the pacing smooth (~16 per second).
-        rate = self._bandwidth
-        if rate is None:
+        rates = [r for r in (self._bandwidth, self.connection_bandwidth) if r is not None]
+        if not rates:
             return PIECE
-        return max(16 << 10, min(PIECE, int(rate / 16)))
+        return max(16 << 10, min(PIECE, int(min(rates) / 16)))
+
+    async def _pace(self, fx: _Effects, n: int) -> None:
+        """This body's own cap (:attr:`connection_bandwidth`), a virtual clock per response."""
+        rate = self.connection_bandwidth
+        if rate is None:
+            return
+        now = asyncio.get_running_loop().time()
+        fx.paced_until = max(now, fx.paced_until) + n / rate
+        await asyncio.sleep(fx.paced_until - now)
 
     async def _throttle(self, n: int) -> None:
         """Shared token bucket as a virtual clock: each piece reserves n/rate
