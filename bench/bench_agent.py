@@ -30,18 +30,21 @@ a 4 GiB object < 1 GiB. Bars are marked PASS/FAIL; the exit status is 0 regardle
     python bench/bench_agent.py --size 256MiB --runs 1
     python bench/bench_agent.py --size 1GiB --runs 3 --json /tmp/bench.json
     python bench/bench_agent.py --size 1GiB --runs 3 --rss-size 4GiB   # needs ~12 GB free RAM
+    python bench/bench_agent.py --size 1GiB --runs 3 --link rtt=20ms,conn=25MB/s --agent-concurrency 32
 
 Fairness: contenders are interleaved (a, b, b+disk, c, d in every run); before each
 cold one the page cache is dropped (root only; ``--no-drop-caches`` otherwise) and the
 S3 server's data files are read back in, so the origin is equally warm for all; right
 before every clock a model-size scratch file is written and deleted (``--no-prefault``
-to skip), because on these VMs page-cache writes into long-free memory run ~4x slower. Everything listens on 127.0.0.1 only; the S3 server, agents and temp
-files are removed at exit, also on Ctrl-C.
+to skip), because on these VMs page-cache writes into long-free memory run ~4x slower. Everything listens on 127.0.0.1 only (with ``--link``, inside a network namespace
+made for the run: bench/link.py); the S3 server, agents and temp files are removed at exit,
+also on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -61,6 +64,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
+import link
 
 from coldbrew.agent.origin.s3data import TAIL_BYTES, BatchedWakeups
 
@@ -283,6 +287,9 @@ def worker_main(spec_json: str) -> int:
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        #: The emulated S3 link (--link), and what removes its delay at the end.
+        self.link = link.LinkSpec.parse(args.link) if args.link else None
+        self.linked = contextlib.ExitStack()
         self.size: int = args.size
         self.chunk: int = args.chunk_size
         self.conc: int = args.concurrency
@@ -339,6 +346,9 @@ class Bench:
         self.src_digest = self._digest(self.src)
         self.log(f"object {self.uri}: {C.format_size(self.size)} random bytes, written in "
                  f"{t1 - t0:.1f} s, uploaded in {time.perf_counter() - t1:.1f} s (ETag {head['ETag']})")
+        if self.link is not None:  # uploaded at full speed; from here on, the link
+            self.linked.enter_context(link.delaying(self.link, self.s3.port, self.workdir))
+            self.log(f"link: {self.link}; " + link.verify(client, BUCKET, self.key, 64 * C.MiB))
 
     @staticmethod
     def _digest(path: Path) -> str:
@@ -541,6 +551,7 @@ class Bench:
             self.log(f"  could not delete {key}: {e}")
 
     def close(self) -> None:
+        self.linked.close()
         for agent in self.agents:
             try:
                 agent.stop()
@@ -767,6 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=None,
                    help="parent of the temp work dir (S3 data, cache, destinations); default $TMPDIR")
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs) afterwards")
+    p.add_argument("--link", default=None,
+                   help="run on an emulated S3 link, e.g. rtt=20ms,conn=25MB/s (bench/link.py; root)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -775,6 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
+    link.enter(args.link)
     if args.runs < 1 or args.runs > 100:
         print("--runs must be between 1 and 100", file=sys.stderr)
         return 2

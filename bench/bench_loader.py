@@ -46,11 +46,13 @@ Bars (PASS/FAIL; exit status 0 regardless):
 
     python bench/bench_loader.py                       # 2 GiB, 2 shards, 3 runs
     python bench/bench_loader.py --size 512MiB --runs 1
+    python bench/bench_loader.py --size 1GiB --runs 3 --link rtt=20ms,conn=25MB/s  # bench/link.py
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -66,6 +68,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
+import link
 
 BUCKET = "coldbrew-bench-loader"
 PREFIX = "model"
@@ -393,11 +396,14 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated contenders to skip")
     ap.add_argument("--workdir", default=None, help="where the server, model and caches live")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--link", default=None,
+                    help="run on an emulated S3 link, e.g. rtt=20ms,conn=25MB/s (bench/link.py; root)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker_main(args.worker)
         return
+    spec = link.enter(args.link)
 
     from coldbrew.agent.devtools.locals3 import LocalS3
     from coldbrew.agent.units import parse_size
@@ -408,7 +414,7 @@ def main() -> None:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     print("command:", shlex.join([sys.executable, *sys.argv]), flush=True)
     try:
-        with LocalS3(work / "s3") as s3:
+        with LocalS3(work / "s3") as s3, contextlib.ExitStack() as linked:
             env = {**os.environ, **s3.env(), "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
                    "COLDBREW_SOCKET": str(work / "no-agent.sock")}
             model_dir = work / "model"
@@ -424,6 +430,9 @@ def main() -> None:
                   f"in {time.perf_counter() - t:.0f} s; prefault={'on' if args.prefault else 'off'}; "
                   f"runs={args.runs}; {os.cpu_count()} CPUs", flush=True)
             keys = [f"{PREFIX}/{p.name}" for p in paths]
+            if spec is not None:  # uploaded at full speed; from here on, the link
+                linked.enter_context(link.delaying(spec, s3.port, work))
+                print(f"link: {spec}; " + link.verify(client, BUCKET, keys[0], 64 << 20), flush=True)
             scratch = work / "scratch"
             base = {"size": size, "prefault": args.prefault, "scratch": str(scratch),
                     "concurrency": args.concurrency, "loader_concurrency": args.loader_concurrency,

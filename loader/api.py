@@ -341,6 +341,7 @@ class _Load:
         async def one(i: int) -> None:
             if i:
                 await admitted[i - 1].wait()
+            pipeline.starting(i)
             source = sources[i]
             writeback = await self._writeback(source, fulls[i], writebacks)
             await source.start(fulls[i])
@@ -359,6 +360,7 @@ class _Load:
                     group.create_task(one(i))
         except BaseExceptionGroup as eg:
             raise first_error(eg) from None
+        self.out.stats["files_overlapped"] = pipeline.overlapped
         return loads
 
     def _tally(self, loads: list[FileLoad], started: float) -> None:

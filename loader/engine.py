@@ -234,6 +234,13 @@ class Pipeline:
         self._current = 0
         self._held: list[list[Slot]] = [[] for _ in range(count)]
         self._done = [False] * count
+        #: Files that began while the one before was still loading (``stats["files_overlapped"]``).
+        self.overlapped = 0
+
+    def starting(self, index: int) -> None:
+        """File ``index`` begins (the one before has admitted its last span)."""
+        if index and not self._done[index - 1]:
+            self.overlapped += 1
 
     def emitter(self, index: int) -> Callable[[Slot], None]:
         def emit(slot: Slot) -> None:

@@ -112,3 +112,40 @@ def test_it_stays_within_its_bounds():
     fixed = FixedLimit(5)
     simulate(fixed, seconds=2, **S3_LINK)
     assert fixed.limit == 5 and not fixed.adaptive
+
+
+def test_the_gate_follows_the_limit_and_passes_a_wakeup_on():
+    """Flow.gate (the loader's GETs): no more inside than the limit allows, more as it grows,
+    and a waiter cancelled after it was woken hands its place to the next."""
+    import asyncio
+
+    from coldbrew.agent.origin.flow import Flow
+
+    async def main():
+        limit = FixedLimit(1)
+        flow = Flow(limit)
+        inside, most = 0, 0
+        release = asyncio.Event()
+
+        async def one():
+            nonlocal inside, most
+            async with flow.gate():
+                inside += 1
+                most = max(most, inside)
+                await release.wait()
+                inside -= 1
+
+        first = asyncio.create_task(one())
+        waiting = [asyncio.create_task(one()) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert inside == 1 and len(flow._waiters) == 3
+        limit.limit = 2
+        flow.ended(0, 0.0)  # what a finished GET does: wake up to the new limit
+        waiting[0].cancel()  # woken, and cancelled before it could enter
+        await asyncio.sleep(0.01)
+        assert inside == 2, "the cancelled waiter's place went to the next"
+        release.set()
+        await asyncio.gather(first, *waiting[1:])
+        assert most == 2 and flow._in_use == 0 and not flow._waiters
+
+    asyncio.run(main())

@@ -10,6 +10,7 @@ priority) and sizes them by :attr:`Flow.limit`; the loader's direct reads wait a
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +18,10 @@ from contextlib import asynccontextmanager
 from ..config import OriginSettings
 from .adaptive import AdaptiveLimit, FixedLimit
 
-#: Where an adaptive limit starts: what the fixed default was.
+log = logging.getLogger("coldbrew.origin")
+
+#: Where an adaptive limit starts: the old fixed default. 16 gained 4 % on the emulated link
+#: (512 MiB prewarm) and cost 12 % on loopback (bench/RESULTS.md, the emulated S3 link).
 START = 8
 #: The least an adaptive limit goes down to.
 MINIMUM = 2
@@ -48,7 +52,14 @@ class Flow:
         return now
 
     def ended(self, nbytes: int, started: float) -> None:
+        last = self.limit.last
         self.limit.ended(nbytes, started, time.monotonic())
+        done = self.limit.last
+        if done is not last and done is not None and done.decided != done.limit:
+            log.info("origin concurrency", extra={
+                "from": done.limit, "to": done.decided, "why": done.why,
+                "throughput_mb_s": round(done.throughput / 1e6, 1),
+                "gradient": round(done.gradient, 2), "in_flight": round(done.in_flight, 1)})
         self._wake()
 
     def throttled(self) -> None:
@@ -64,9 +75,12 @@ class Flow:
             self._waiters.append(waiter)
             try:
                 await waiter
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
+            except BaseException:
+                self._waiters.remove(waiter)
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, then cancelled: the place goes to the next one
+                raise
+            self._waiters.remove(waiter)
         self._in_use += 1
         try:
             yield
