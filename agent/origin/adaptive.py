@@ -7,14 +7,17 @@ queues. No fixed number is right for both (the issue behind this module measured
 of the best throughput on a 20 ms link, while 32 there would only add queueing here).
 
 The rule is Little's law with fixed sizes: at ``C`` requests in flight, each taking ``D`` per
-byte, the throughput is ``C / D`` bytes per second. ``tau``, the least time per byte any
-recent request took, is what one takes when nothing else slows it. Over a *round* (the
-requests started since the last change, once enough of them have finished), the controller
-compares the round's time per byte ``D`` with ``tau``: the *gradient* ``tau / D``.
+byte, the throughput is ``C / D`` bytes per second. Over a *round* (the requests started since
+the last change, once enough of them have finished), the controller takes the round's time
+per byte ``D`` (its requests' seconds over their bytes) and ``tau``, the least ``D`` of the
+recent rounds: what a request takes when fewer share the pipe. The *gradient* is
+``tau / D``. (Not the fastest single request: connections on one link differ by a third
+(12.5-18.4 MB/s on bench/link.py's), and against the fastest, a round with nothing shared
+read as congested.)
 
 * Gradient at or above :data:`FREE`: the requests run as fast as alone, so more in flight
-  adds throughput. Grow: four times while in slow start (twice if the gradient is under
-  :data:`LEAP_GRADIENT`), else a quarter more.
+  adds throughput. Grow: in slow start four times while each request gets less than
+  :data:`SLOW_CONNECTION` (a latency-bound link), else twice; after it, a quarter more.
 * Below: they queue for something shared (the NIC, the CPU, the server), and ``C * tau / D``
   in flight would carry the same throughput. Set the limit to that with a quarter of
   headroom, and leave slow start.
@@ -41,9 +44,8 @@ from dataclasses import dataclass
 
 #: Gradient (``tau / D``) at or above this: the requests run as fast as alone, grow.
 FREE = 0.85
-#: Slow start grows by LEAP while the gradient is at least LEAP_GRADIENT, else doubles.
-LEAP = 4.0
-LEAP_GRADIENT = 0.95
+#: One request slower than this (bytes/s) is latency-bound: slow start grows four times.
+SLOW_CONNECTION = 100e6
 #: Headroom kept above what carries the throughput once the pipe is full (a quarter more).
 HEADROOM = 1.25
 #: A round counts only if at least this share of the limit was in flight on average.
@@ -131,7 +133,6 @@ class AdaptiveLimit:
         self._in_flight = max(0, self._in_flight - 1)
         if nbytes <= 0 or now <= started:
             return
-        self._tau = min(self._tau, (now - started) / nbytes)
         if started >= self._since:  # only requests the current limit started
             self._done += 1
             self._bytes += nbytes
@@ -154,7 +155,7 @@ class AdaptiveLimit:
         elapsed = self._last_end - self._since
         in_flight = self._area / elapsed if elapsed > 0 else float(self._in_flight)
         per_byte = self._seconds / self._bytes
-        self._taus.append(self._tau)
+        self._taus.append(per_byte)
         gradient = min(1.0, min(self._taus) / per_byte)
         throughput = in_flight / per_byte
         probe, self._probe = self._probe, None
@@ -170,7 +171,7 @@ class AdaptiveLimit:
         elif gradient >= FREE:
             if not self.slow_start:
                 self._probe = (self.limit, throughput)
-            decided = math.ceil(self.limit * (self._leap(gradient) if self.slow_start else HEADROOM))
+            decided = math.ceil(self.limit * (self._leap(per_byte) if self.slow_start else HEADROOM))
             why = "grow"
         else:
             self.slow_start = False
@@ -180,11 +181,12 @@ class AdaptiveLimit:
         self._set(decided, now, Round(self.limit, throughput, in_flight, gradient, decided, why))
 
     @staticmethod
-    def _leap(gradient: float) -> float:
-        """Slow start's growth: four times while the requests run exactly as fast as alone (a
-        round lasts a request's time, ~0.7 s for 16 MiB at 24 MB/s, so doubling from 8 to 64
-        would take three of them), else twice."""
-        return LEAP if gradient >= LEAP_GRADIENT else 2.0
+    def _leap(per_byte: float) -> float:
+        """Slow start's growth: four times when each request is slow (a latency-bound link,
+        where a round lasts a request's time, ~1.3 s for 16 MiB on bench/link.py's, so
+        doubling from 8 to 64 costs three of them), else twice (loopback, where the first
+        round cannot tell a CPU-bound pipe from a free one and four times cost 17 %)."""
+        return 4.0 if 1 / per_byte < SLOW_CONNECTION else 2.0
 
     def _set(self, limit: int, now: float, done: Round) -> None:
         self.limit = limit
@@ -199,7 +201,6 @@ class AdaptiveLimit:
         self._done = 0
         self._bytes = 0
         self._seconds = 0.0  # the round's requests' durations, summed
-        self._tau = math.inf
 
     def _advance(self, now: float) -> None:
         if now > self._clock:
