@@ -178,18 +178,30 @@ def test_kill9_at_a_hundred_random_points(bucket, s3_client, agent_env, proxy, t
                 time.sleep(rng.uniform(0.0, 0.01))
             os.kill(pid, signal.SIGKILL)
             _gone(pid)
-        client.prewarm([uri])
-        dest = tmp_path / "whole.bin"
-        AgentClient(sock).get(uri, dest)
-        assert dest.read_bytes() == data
+        _served_whole(client, AgentClient(sock), uri, data, tmp_path / "whole.bin")
     finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        zygote.close()
+        _end(zygote, pid)
     # The kills landed at many different points: before, during and after the landings.
     assert len(seen) >= 10 and 0 in seen and evicted_rounds >= 10, (sorted(seen), evicted_rounds)
+
+
+def _served_whole(client, getter, uri: str, data: bytes, dest) -> None:
+    """After the last restart: a prewarm completes the file, and it is served byte-exact."""
+    client.prewarm([uri])
+    getter.get(uri, dest)
+    assert dest.read_bytes() == data
+
+
+def _end(zygote, pid: int) -> None:
+    """The last agent killed (if it still runs), and the zygote gone."""
+    import os
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    zygote.close()
 
 
 def _quietly(fn, *args) -> None:
@@ -254,16 +266,9 @@ def test_kill9_during_p2p_adoption(bucket, s3_client, make_agent, agent_env, pro
             if rng.random() < 0.7:  # most rounds adopt from the start (a new node); the rest resume
                 shutil.rmtree(cache_dir)
         origin_bytes = proxy.counts["response_body_bytes"]
-        client.prewarm([uri])
-        dest = tmp_path / "whole.bin"
-        client.get(uri, dest)
-        assert dest.read_bytes() == data
+        _served_whole(client, client, uri, data, tmp_path / "whole.bin")
     finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        zygote.close()
+        _end(zygote, pid)
     # The kills landed before, during and after adoption, and the bytes were the seed's.
     assert len(seen) >= 4 and 0 in seen and max(seen) > size // (64 << 10) // 2, sorted(seen)
     assert origin_bytes < size // 2, origin_bytes  # manifests and HEADs: the data was the seed's

@@ -734,8 +734,7 @@ class FaultProxy:
                 data[fx.flip_at - fx.pos] ^= 0xFF
                 fx.flip_at = None
                 self._fire("corrupt")
-            await self._throttle(len(data))
-            await self._pace(fx, len(data))
+            await self._throttle(fx, len(data))
             self._count("response_body_bytes", len(data))
             dst.write(data)
             await dst.drain()
@@ -751,24 +750,25 @@ class FaultProxy:
             return PIECE
         return max(16 << 10, min(PIECE, int(min(rates) / 16)))
 
-    async def _pace(self, fx: _Effects, n: int) -> None:
-        """This body's own cap (:attr:`connection_bandwidth`), a virtual clock per response."""
-        rate = self.connection_bandwidth
-        if rate is None:
-            return
-        now = asyncio.get_running_loop().time()
-        fx.paced_until = max(now, fx.paced_until) + n / rate
-        await asyncio.sleep(fx.paced_until - now)
+    async def _throttle(self, fx: _Effects, n: int) -> None:
+        """Both caps as virtual clocks: each piece reserves n/rate seconds of the shared link
+        (:attr:`bandwidth`) and of its own connection (:attr:`connection_bandwidth`), and
+        waits until its reservations are over."""
+        if self._bandwidth is not None:
+            self._bw_next, wait = _reserve(self._bw_next, n, self._bandwidth)
+            await asyncio.sleep(wait)
+        if self.connection_bandwidth is not None:
+            fx.paced_until, wait = _reserve(fx.paced_until, n, self.connection_bandwidth)
+            await asyncio.sleep(wait)
 
-    async def _throttle(self, n: int) -> None:
-        """Shared token bucket as a virtual clock: each piece reserves n/rate
-        seconds of link time, and waits until its reservation is over."""
-        rate = self._bandwidth
-        if rate is None:
-            return
-        now = asyncio.get_running_loop().time()
-        self._bw_next = max(now, self._bw_next) + n / rate
-        await asyncio.sleep(self._bw_next - now)
+
+def _reserve(clock: float, n: int, rate: float) -> tuple[float, float]:
+    """A link of ``rate`` bytes/s free from ``clock`` (loop time) takes ``n`` bytes: when it is
+    free again, and how long to wait for that. Reserved before the wait, so pieces waiting at
+    once queue behind each other."""
+    now = asyncio.get_running_loop().time()
+    free = max(now, clock) + n / rate
+    return free, free - now
 
 
 class _NullWriter:
